@@ -1,0 +1,21 @@
+"""immunoode: mechanistic ODE / PK-PD models of the cancer-immunity cycle.
+
+Data flow: model (:mod:`.model`, :mod:`.modelfile`) → compile (:mod:`.compile`)
+→ simulate (:mod:`.simulate`, :mod:`.population`) → results (xarray).
+"""
+
+from ._version import __version__
+from .compile import CompiledModel, compile_model
+from .errors import ExpressionError, ImmunoodeError, ModelError, RegimenError, SimulationError, UnitError
+from .model import Model, ModelBuilder
+from .modelfile import load_model, loads_model
+from .regimen import Dose, Regimen, Scale, load_regimen
+from .population import simulate_population
+from .simulate import simulate, time_grid
+
+__all__ = [
+    "__version__", "CompiledModel", "compile_model", "ExpressionError", "ImmunoodeError",
+    "ModelError", "RegimenError", "SimulationError", "UnitError", "Model", "ModelBuilder",
+    "load_model", "loads_model", "simulate_population", "Dose", "Regimen", "Scale", "load_regimen", "simulate",
+    "time_grid",
+]

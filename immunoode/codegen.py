@@ -1,0 +1,350 @@
+"""Symbolic derivation and source generation for a model.
+
+From a :class:`~immunoode.model.Model` this module derives, with sympy,
+
+* the right-hand side ``f(t, y, p) + u`` (``u``: infusion input rates),
+* its analytic Jacobian ``∂f/∂y`` (only the structurally non-zero entries),
+* ``∂f/∂t`` when the model uses ``t`` explicitly (needed by Rosenbrock methods),
+* the record vector: states, assignments and observables,
+* the initial state as a function of the parameters,
+
+eliminates common subexpressions once across all of them, and prints Python
+source for two backends: scalar code for numba (``math`` functions) and
+array code for numpy, vectorised over many parameter sets at once.
+
+It also performs the symbolic LU factorisation of ``c·I − J`` for the
+Jacobian's sparsity pattern (a fill-reducing minimum-degree order, no pivoting)
+and prints it as straight-line code; the solver falls back to a dense LU with
+partial pivoting whenever a pivot is too small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+from sympy.printing.numpy import NumPyPrinter
+from sympy.printing.pycode import PythonCodePrinter
+
+from .expr import TIME, expand_hill
+
+__all__ = ["Derivation", "derive", "sparse_lu_plan", "numba_source", "numpy_source"]
+
+#: Above this many straight-line LU operations the dense LU is used instead.
+MAX_SPARSE_LU_OPS = 40000
+
+
+@dataclass
+class Derivation:
+    """Everything the code printers need, as plain sympy objects."""
+
+    state_names: tuple[str, ...]
+    param_names: tuple[str, ...]
+    record_names: tuple[str, ...]       # states, then assignments, then observables
+    ysyms: tuple[sympy.Symbol, ...]
+    psyms: tuple[sympy.Symbol, ...]
+    rhs: list
+    jac_rows: list[int]
+    jac_cols: list[int]
+    jac: list
+    dfdt: list
+    has_t: bool
+    record: list                       # expressions for assignments + observables
+    initial: list
+
+
+def _clean(e: sympy.Expr) -> sympy.Expr:
+    """Drop Dirac deltas (derivatives of Heaviside/Min/Max at measure-zero kinks)."""
+    if e.has(sympy.DiracDelta):
+        e = e.replace(sympy.DiracDelta, lambda *a: sympy.Integer(0))
+    return e
+
+
+def derive(model) -> Derivation:
+    """Differentiate the model and map names to positional symbols ``y_i``, ``p_j``."""
+    snames = model.state_names
+    pnames = model.parameter_names
+    ysyms = tuple(sympy.Symbol(f"y_{i}", real=True) for i in range(len(snames)))
+    psyms = tuple(sympy.Symbol(f"p_{j}", real=True) for j in range(len(pnames)))
+    to_pos = {model.symbol(n): s for n, s in zip(snames, ysyms)}
+    to_pos.update({model.symbol(n): s for n, s in zip(pnames, psyms)})
+
+    def pos(e):
+        return expand_hill(model.substitute_assignments(e)).xreplace(to_pos)
+
+    rhs = [expand_hill(e).xreplace(to_pos) for e in model.rhs_substituted()]
+    rows, cols, jac = [], [], []
+    for i, f in enumerate(rhs):
+        fs = f.free_symbols
+        for j, y in enumerate(ysyms):
+            if y in fs:
+                d = _clean(sympy.diff(f, y))
+                if d != 0:
+                    rows.append(i)
+                    cols.append(j)
+                    jac.append(d)
+    has_t = any(TIME in f.free_symbols for f in rhs)
+    dfdt = [_clean(sympy.diff(f, TIME)) for f in rhs] if has_t else []
+    record_names = tuple(snames) + tuple(model.assignments) + tuple(model.observables)
+    record = [pos(a.expr) for a in model.assignments.values()]
+    record += [pos(o.expr) for o in model.observables.values()]
+    initial = [expand_hill(s.initial).xreplace(to_pos) for s in model.states.values()]
+    return Derivation(tuple(snames), tuple(pnames), record_names, ysyms, psyms, rhs, rows, cols,
+                      jac, dfdt, has_t, record, initial)
+
+
+# ------------------------------------------------------------------ sparse LU
+@dataclass
+class LUPlan:
+    """Straight-line LU of ``M = c·I − J`` in a fixed (permuted) order."""
+
+    n: int
+    perm: list[int]             # new position k holds original row/col perm[k]
+    slots: dict                 # (i, j) in permuted coordinates -> index into the lu array
+    jac_slot: list[int]         # for each Jacobian entry, its lu slot
+    diag_slot: list[int]        # for each permuted k, slot of (k, k)
+    ops: list                   # ("piv", k) / ("scale", ik, kk) / ("update", ij, ik, kj)
+    lower: list                 # per row i: [(slot(i,k), k)] with k < i
+    upper: list                 # per row i: [(slot(i,j), j)] with j > i
+    n_ops: int
+
+
+def _min_degree_order(n, pattern):
+    adj = {i: set() for i in range(n)}
+    for i, j in pattern:
+        if i != j:
+            adj[i].add(j)
+            adj[j].add(i)
+    order, remaining = [], set(range(n))
+    while remaining:
+        k = min(remaining, key=lambda v: (len(adj[v] & remaining), v))
+        nb = adj[k] & remaining
+        for a in nb:
+            adj[a] |= nb - {a}
+        order.append(k)
+        remaining.remove(k)
+    return order
+
+
+def sparse_lu_plan(n: int, rows: list[int], cols: list[int]) -> LUPlan:
+    """Symbolic factorisation: fill-in pattern and the operation list."""
+    pattern = set(zip(rows, cols)) | {(i, i) for i in range(n)}
+    perm = _min_degree_order(n, pattern)
+    inv = {o: k for k, o in enumerate(perm)}
+    nz = {(inv[i], inv[j]) for i, j in pattern}
+    ops = []
+    for k in range(n):
+        ops.append(("piv", k))
+        below = sorted(i for (i, j) in nz if j == k and i > k)
+        right = sorted(j for (i, j) in nz if i == k and j > k)
+        for i in below:
+            ops.append(("scale", (i, k), (k, k)))
+            for j in right:
+                nz.add((i, j))
+                ops.append(("update", (i, j), (i, k), (k, j)))
+    slots = {ij: s for s, ij in enumerate(sorted(nz))}
+    jac_slot = [slots[(inv[i], inv[j])] for i, j in zip(rows, cols)]
+    diag_slot = [slots[(k, k)] for k in range(n)]
+    lower = [[(slots[(i, k)], k) for k in range(i) if (i, k) in nz] for i in range(n)]
+    upper = [[(slots[(i, j)], j) for j in range(i + 1, n) if (i, j) in nz] for i in range(n)]
+    return LUPlan(n, perm, slots, jac_slot, diag_slot, ops, lower, upper, len(ops))
+
+
+# ------------------------------------------------------------------ printers
+class _NumbaPrinter(PythonCodePrinter):
+    """Scalar code that numba compiles: ``math`` functions, ternaries."""
+
+    def _print_Heaviside(self, expr):
+        h0 = expr.args[1] if len(expr.args) > 1 else sympy.Rational(1, 2)
+        x = self._print(expr.args[0])
+        return f"(1.0 if ({x}) > 0 else ({self._print(sympy.Float(h0))} if ({x}) == 0 else 0.0))"
+
+    def _print_Min(self, expr):
+        out = self._print(expr.args[0])
+        for a in expr.args[1:]:
+            out = f"min({out}, {self._print(a)})"
+        return out
+
+    def _print_Max(self, expr):
+        out = self._print(expr.args[0])
+        for a in expr.args[1:]:
+            out = f"max({out}, {self._print(a)})"
+        return out
+
+    def _print_sign(self, expr):
+        x = self._print(expr.args[0])
+        return f"(1.0 if ({x}) > 0 else (-1.0 if ({x}) < 0 else 0.0))"
+
+    def _print_Pow(self, expr, rational=False):
+        b, e = expr.as_base_exp()
+        if e.is_Integer and 2 <= int(e) <= 4:
+            bb = self.parenthesize(b, 1000)
+            return "*".join([bb] * int(e))
+        if e.is_Integer and int(e) == -1:
+            return f"1.0/{self.parenthesize(b, 1000)}"
+        if e == sympy.Rational(1, 2):
+            return f"math.sqrt({self._print(b)})"
+        return super()._print_Pow(expr, rational=rational)
+
+
+class _ArrayPrinter(NumPyPrinter):
+    """Array code (numpy ufuncs), broadcasting over parameter sets."""
+
+    def _print_Min(self, expr):
+        out = self._print(expr.args[0])
+        for a in expr.args[1:]:
+            out = f"numpy.minimum({out}, {self._print(a)})"
+        return out
+
+    def _print_Max(self, expr):
+        out = self._print(expr.args[0])
+        for a in expr.args[1:]:
+            out = f"numpy.maximum({out}, {self._print(a)})"
+        return out
+
+    def _print_Heaviside(self, expr):
+        h0 = expr.args[1] if len(expr.args) > 1 else sympy.Rational(1, 2)
+        return f"numpy.heaviside({self._print(expr.args[0])}, {self._print(sympy.Float(h0))})"
+
+
+def _cse(exprs):
+    reps, red = sympy.cse(exprs, symbols=sympy.numbered_symbols("x"), optimizations=None,
+                          order="none")
+    return reps, red
+
+
+def _fn(printer, name, args, prelude, reps, targets, red, *, decorator="", indent="    "):
+    lines = [decorator] if decorator else []
+    lines.append(f"def {name}({', '.join(args)}):")
+    lines += [indent + p for p in prelude]
+    for s, e in reps:
+        lines.append(f"{indent}{s} = {printer.doprint(e)}")
+    for tgt, e in zip(targets, red):
+        lines.append(f"{indent}{tgt} = {printer.doprint(e)}")
+    return lines
+
+
+def _unpack(d: Derivation, exprs, *, array=False, need_t=False):
+    used = set().union(*[e.free_symbols for e in exprs]) if exprs else set()
+    lines = []
+    for i, s in enumerate(d.ysyms):
+        if s in used:
+            lines.append(f"{s} = y[{i}]")
+    for j, s in enumerate(d.psyms):
+        if s in used:
+            lines.append(f"{s} = p[{j}]")
+    if TIME in used:
+        # keep the time symbol's name 't'
+        pass
+    return lines
+
+
+def numba_source(d: Derivation, plan: LUPlan | None) -> str:
+    """Scalar model functions for the numba solver (see ``solvers/rodas.py``)."""
+    pr = _NumbaPrinter({"fully_qualified_modules": True, "standard": "python3"})
+    dec = "@njit(cache=True, fastmath=False, error_model='numpy')"
+    out = []
+    n = len(d.ysyms)
+    # rhs
+    reps, red = _cse(d.rhs)
+    out += _fn(pr, "rhs", ["t", "y", "p", "u", "out"], _unpack(d, d.rhs), reps,
+               [f"out[{i}]" for i in range(n)], [r for r in red], decorator=dec)
+    out[-n:] = [ln.replace(" = ", " = (", 1) + f") + u[{i}]" for i, ln in enumerate(out[-n:])]
+    out.append("")
+    # jacobian (nonzeros)
+    reps, red = _cse(d.jac) if d.jac else ([], [])
+    out += _fn(pr, "jac", ["t", "y", "p", "out"], _unpack(d, d.jac), reps,
+               [f"out[{k}]" for k in range(len(d.jac))], red, decorator=dec)
+    out.append("    return")
+    out.append("")
+    # dfdt
+    if d.has_t:
+        reps, red = _cse(d.dfdt)
+        out += _fn(pr, "dfdt", ["t", "y", "p", "out"], _unpack(d, d.dfdt), reps,
+                   [f"out[{i}]" for i in range(n)], red, decorator=dec)
+    else:
+        out += [dec, "def dfdt(t, y, p, out):", "    for i in range(out.shape[0]):",
+                "        out[i] = 0.0"]
+    out.append("")
+    # record: states copied, then assignments/observables
+    reps, red = _cse(d.record) if d.record else ([], [])
+    out += _fn(pr, "record", ["t", "y", "p", "out"], _unpack(d, d.record), reps,
+               [f"out[{n + k}]" for k in range(len(d.record))], red, decorator=dec)
+    out += [f"    for i in range({n}):", "        out[i] = y[i]"]
+    out.append("")
+    # LU
+    out += _lu_source(plan, dec) if plan is not None else [
+        dec, "def lu_factor(jv, c, lu):", "    return False", "",
+        dec, "def lu_solve(lu, b):", "    return"]
+    return "\n".join(out) + "\n"
+
+
+def _lu_source(plan: LUPlan, dec: str) -> list[str]:
+    s = plan.slots
+    lines = [dec, "def lu_factor(jv, c, lu):"]
+    lines.append(f"    for i in range({len(s)}):")
+    lines.append("        lu[i] = 0.0")
+    for k, slot in enumerate(plan.jac_slot):
+        lines.append(f"    lu[{slot}] -= jv[{k}]")
+    for slot in plan.diag_slot:
+        lines.append(f"    lu[{slot}] += c")
+    for op in plan.ops:
+        if op[0] == "piv":
+            k = op[1]
+            dk = s[(k, k)]
+            lines.append(f"    if not abs(lu[{dk}]) > 1e-10 * c:")
+            lines.append("        return False")
+            lines.append(f"    inv = 1.0 / lu[{dk}]")
+        elif op[0] == "scale":
+            lines.append(f"    lu[{s[op[1]]}] *= inv")
+        else:
+            lines.append(f"    lu[{s[op[1]]}] -= lu[{s[op[2]]}] * lu[{s[op[3]]}]")
+    lines.append("    return True")
+    lines.append("")
+    # solve in place: permute b into x, forward (unit L), backward (U), unpermute.
+    n = plan.n
+    lines += [dec, "def lu_solve(lu, b):"]
+    for k, o in enumerate(plan.perm):
+        lines.append(f"    x{k} = b[{o}]")
+    for i in range(n):
+        terms = [f" - lu[{sl}] * x{k}" for sl, k in plan.lower[i]]
+        if terms:
+            lines.append(f"    x{i} = x{i}" + "".join(terms))
+    for i in reversed(range(n)):
+        terms = [f" - lu[{sl}] * x{j}" for sl, j in plan.upper[i]]
+        lines.append(f"    x{i} = (x{i}" + "".join(terms) + f") / lu[{plan.diag_slot[i]}]")
+    for k, o in enumerate(plan.perm):
+        lines.append(f"    b[{o}] = x{k}")
+    lines.append("")
+    return lines
+
+
+def numpy_source(d: Derivation) -> str:
+    """Vectorised functions: ``y`` has shape (n_states, N), ``p`` (n_params, N)."""
+    pr = _ArrayPrinter({"fully_qualified_modules": True})
+    n = len(d.ysyms)
+    out = []
+    reps, red = _cse(d.rhs)
+    out += _fn(pr, "rhs", ["t", "y", "p", "out"], _unpack(d, d.rhs, array=True), reps,
+               [f"out[{i}]" for i in range(n)], red)
+    out += ["    return out", ""]
+    reps, red = _cse(d.jac) if d.jac else ([], [])
+    out += _fn(pr, "jac", ["t", "y", "p", "out"], _unpack(d, d.jac, array=True), reps,
+               [f"out[{k}]" for k in range(len(d.jac))], red)
+    out += ["    return out", ""]
+    if d.has_t:
+        reps, red = _cse(d.dfdt)
+        out += _fn(pr, "dfdt", ["t", "y", "p", "out"], _unpack(d, d.dfdt, array=True), reps,
+                   [f"out[{i}]" for i in range(n)], red)
+    else:
+        out += ["def dfdt(t, y, p, out):", "    out[...] = 0.0"]
+    out += ["    return out", ""]
+    reps, red = _cse(d.record) if d.record else ([], [])
+    out += _fn(pr, "record", ["t", "y", "p", "out"], _unpack(d, d.record, array=True), reps,
+               [f"out[{n + k}]" for k in range(len(d.record))], red)
+    out += [f"    out[:{n}] = y", "    return out", ""]
+    reps, red = _cse(d.initial)
+    out += _fn(pr, "initial", ["p", "out"], _unpack(d, d.initial, array=True), reps,
+               [f"out[{i}]" for i in range(n)], red)
+    out += ["    return out", ""]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,1 @@
+"""Model files shipped with immunoode (installed as the ``immunoode.models`` package data)."""
