@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from .errors import ModelError, UnitError
-from .units import check_unit, infer_unit, parse_unit
+from .units import check_unit, format_unit, infer_unit, parse_unit, same_unit
 
 __all__ = ["check_model_units", "model_units"]
 
@@ -39,9 +39,10 @@ def model_units(model, where: Mapping | None = None) -> dict:
         try:
             if a.unit:
                 u = _parse(a.unit, file=f, section="assignments", item=name)
-                check_unit(a.expr, u, units, where=f"assignments.{name}")
+                check_unit(a.expr, u, units, where="", subject="expression",
+                           target=f"its declared unit is")
             else:
-                u = infer_unit(a.expr, units, where=f"assignments.{name}")
+                u = infer_unit(a.expr, units, where="")
                 if u is None:  # a pure number
                     u = parse_unit("1")
         except ModelError as exc:
@@ -58,22 +59,22 @@ def check_model_units(model, where: Mapping | None = None) -> dict:
     for state, rhs in model.odes.items():
         f = where.get(("odes", state))
         try:
-            check_unit(rhs, units[state] / tu, units, where=f"odes.{state}")
+            check_unit(rhs, units[state] / tu, units, where="", subject="right-hand side",
+                       target=f"d({state})/dt needs")
         except ModelError as exc:
             raise exc.located(file=f, section="odes", item=state) from None
     for fx in model.fluxes:
         f = where.get(("fluxes", fx.name))
         if fx.source and fx.target:
             us, ut = units[fx.source], units[fx.target]
-            if us.dimensionality != ut.dimensionality or abs(us.to_base_units().magnitude
-                                                             - ut.to_base_units().magnitude) > 1e-9 * abs(
-                    us.to_base_units().magnitude):
-                raise UnitError(f"flux joins states with different units ({fx.source}: {us.units:~}, "
-                                f"{fx.target}: {ut.units:~}); mass would not be conserved",
+            if not same_unit(us, ut):
+                raise UnitError(f"flux joins states with different units ({fx.source}: {format_unit(us)}, "
+                                f"{fx.target}: {format_unit(ut)}); mass would not be conserved",
                                 file=f, section="fluxes", item=fx.name)
         end = fx.source or fx.target
         try:
-            check_unit(fx.rate, units[end] / tu, units, where=f"fluxes.{fx.name}")
+            check_unit(fx.rate, units[end] / tu, units, where="", subject="rate",
+                       target=f"a flux of {end} needs")
         except ModelError as exc:
             raise exc.located(file=f, section="fluxes", item=fx.name) from None
     for o in model.observables.values():
@@ -81,7 +82,7 @@ def check_model_units(model, where: Mapping | None = None) -> dict:
         if o.unit:
             try:
                 check_unit(o.expr, _parse(o.unit, file=f, section="observables", item=o.name), units,
-                           where=f"observables.{o.name}")
+                           where="", target="its declared unit is")
             except ModelError as exc:
                 raise exc.located(file=f, section="observables", item=o.name) from None
     return units

@@ -163,7 +163,9 @@ def test_conditions_checked():
         infer_unit(P("ifelse(t > 1, C, A1)"), UNITS)
     with pytest.raises(UnitError, match="factor"):
         infer_unit(P("ifelse(t > tlag, 1, 0)"), UNITS)  # day vs hour
-    assert same_unit(infer_unit(P("C*heaviside(t - tlag*24)"), UNITS), UNITS["C"])
+    assert same_unit(infer_unit(P("C*heaviside(A1 - 1)"), UNITS), UNITS["C"])
+    with pytest.raises(UnitError, match="factor"):
+        infer_unit(P("heaviside(t - tlag)"), UNITS)
 
 
 def test_min_max_units():
