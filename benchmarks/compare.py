@@ -49,6 +49,7 @@ T_EVAL = np.arange(0.0, 731.0)
 RTOL, ATOL = 1e-6, 1e-9
 DOSE_STATE, DOSE_MG, DOSE_EVERY, DOSE_COUNT = "A1", 200.0, 21.0, 35
 NOMINAL_FINAL_TUMOR = 1.5258455   # Ts+Tr at day 730, LSODA at rtol 1e-11 (bench README)
+NAN = float("nan")
 
 
 # ------------------------------------------------------------------ helpers
@@ -124,10 +125,19 @@ class Immunoode:
         self.regimen = im.Regimen((im.Dose(target=DOSE_STATE, amount=DOSE_MG, start=0.0,
                                            every=DOSE_EVERY, count=DOSE_COUNT),))
         self.i_tumor = [self.cm.state_names.index(s) for s in ("Ts", "Tr")]
+        self.ok = self.works()
 
     def simulate(self) -> float:
-        ds = self.im.simulate(self.cm, self.regimen, t_eval=T_EVAL, rtol=RTOL, atol=ATOL)
+        try:
+            ds = self.im.simulate(self.cm, self.regimen, t_eval=T_EVAL, rtol=RTOL, atol=ATOL)
+        except self.im.SimulationError as exc:
+            print(f"immunoode FAILED: {exc}", flush=True)
+            return float("nan")
         return float(ds["Ts"][-1] + ds["Tr"][-1])
+
+    def works(self) -> bool:
+        """One nominal run; a failure must not be timed 20 times over (nor the population)."""
+        return bool(np.isfinite(self.simulate()))
 
     def kernel_args(self):
         """Pre-built arrays for one bare ``integrate_many`` call at nominal parameters."""
@@ -241,11 +251,13 @@ class NaiveScipy:
 
 # -------------------------------------------------------------- the runs
 def measure_single(imo: Immunoode, rr: RoadRunner, naive: NaiveScipy, repeats: int) -> dict:
-    args = imo.kernel_args()
-    imo.simulate(), imo.kernel(args), rr.simulate(), naive.simulate()   # warm-up
-    res = {}
-    res["im_simulate"], res["im_simulate_tumor"] = best_time(imo.simulate, repeats)
-    res["im_kernel"], res["im_kernel_tumor"] = best_time(lambda: imo.kernel(args), repeats)
+    res = dict.fromkeys(("im_simulate", "im_simulate_tumor", "im_kernel", "im_kernel_tumor"), NAN)
+    if imo.ok:
+        args = imo.kernel_args()
+        imo.simulate(), imo.kernel(args)   # warm-up
+        res["im_simulate"], res["im_simulate_tumor"] = best_time(imo.simulate, repeats)
+        res["im_kernel"], res["im_kernel_tumor"] = best_time(lambda: imo.kernel(args), repeats)
+    rr.simulate(), naive.simulate()   # warm-up
     res["rr"], res["rr_tumor"] = best_time(rr.simulate, repeats)
     res["naive"], res["naive_tumor"] = best_time(naive.simulate, max(1, repeats // 5))
     return res
@@ -255,10 +267,14 @@ def measure_population(imo: Immunoode, rr: RoadRunner, naive: NaiveScipy, n: int
                        n_naive: int) -> dict:
     columns, reference = load_population(n)
     n = len(reference)
-    imo.population({k: v[:2] for k, v in columns.items()}, jobs)   # warm-up (threads)
     res = {"n": n, "jobs": jobs, "n_naive": min(n_naive, n)}
-    res["im_1"], im1 = wall_time(lambda: imo.population(columns, 1))
-    res["im_jobs"], imj = wall_time(lambda: imo.population(columns, jobs))
+    if imo.ok:
+        imo.population({k: v[:2] for k, v in columns.items()}, jobs)   # warm-up (threads)
+        res["im_1"], im1 = wall_time(lambda: imo.population(columns, 1))
+        res["im_jobs"], imj = wall_time(lambda: imo.population(columns, jobs))
+    else:
+        res["im_1"] = res["im_jobs"] = NAN
+        im1 = imj = np.full(n, np.nan)
     res["rr"], rrv = wall_time(lambda: rr.population(columns))
     t_naive, nv = wall_time(lambda: naive.population(columns, res["n_naive"]))
     res["naive"] = t_naive * n / res["n_naive"]
@@ -271,7 +287,7 @@ def measure_population(imo: Immunoode, rr: RoadRunner, naive: NaiveScipy, n: int
 
 
 # ------------------------------------------------------------------ report
-def report(comp: dict, single: dict, pop: dict) -> None:
+def report(comp: dict, single: dict, pop: dict, imo_ok: bool = True) -> None:
     ms = 1e3
     n, jobs = pop["n"], pop["jobs"]
     print(f"\nReference scenario: 35 x 200 mg q21d, output daily 0..730 (731 points), "
@@ -298,7 +314,9 @@ def report(comp: dict, single: dict, pop: dict) -> None:
         c3 = f"{tp:18.3f}" if tp is not None else f"{'-':>18}"
         c4 = f"{err:16.2e}" if err is not None else f"{'-':>16}"
         print(f"{name:<52} {c1} {c2} {c3} {c4}")
-    if pop["im_failed"]:
+    if not imo_ok:
+        print("\nWARNING: immunoode failed on the nominal patient; its figures are nan")
+    elif pop["im_failed"]:
         print(f"\nWARNING: immunoode failed for {pop['im_failed']} of {n} patients")
     print("\n(population speed-up vs libRoadRunner compares 1 thread with 1 thread)")
     print(f"population_speedup_2cores_vs_1core: {pop['im_1'] / pop['im_jobs']}")
@@ -325,16 +343,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    print("compiling (cold and warm, in subprocesses)...", flush=True)
+    start = time.perf_counter()
+
+    def stage(text):
+        print(f"[{time.perf_counter() - start:6.1f} s] {text}", flush=True)
+
+    stage("compile time: cold and warm, each in a new process")
     comp = measure_compile()
+    stage("loading the engines")
     imo = Immunoode()
     rr = RoadRunner()
     naive = NaiveScipy(imo.cm.model)
-    print("single simulation...", flush=True)
+    stage(f"one simulation, best of {args.repeats}")
     single = measure_single(imo, rr, naive, args.repeats)
-    print(f"population of {args.n}...", flush=True)
+    stage(f"population of {args.n}")
     pop = measure_population(imo, rr, naive, args.n, args.jobs, args.n_naive)
-    report(comp, single, pop)
+    stage("done")
+    report(comp, single, pop, imo.ok)
 
 
 if __name__ == "__main__":

@@ -179,9 +179,9 @@ class _NumbaPrinter(PythonCodePrinter):
         b, e = expr.as_base_exp()
         if e.is_Integer and 2 <= int(e) <= 4:
             bb = self.parenthesize(b, 1000)
-            return "*".join([bb] * int(e))
+            return "(" + "*".join([bb] * int(e)) + ")"
         if e.is_Integer and int(e) == -1:
-            return f"1.0/{self.parenthesize(b, 1000)}"
+            return f"(1.0/{self.parenthesize(b, 1000)})"
         if e == sympy.Rational(1, 2):
             return f"math.sqrt({self._print(b)})"
         return super()._print_Pow(expr, rational=rational)

@@ -169,7 +169,7 @@ def _header(model, d, plan, key) -> str:
         "# Do not edit: regenerated when the model's equations or immunoode change.",
         "import math",
         "import numpy as np",
-        "from numba import njit, prange",
+        "from numba import njit",
         "",
         f"N_STATES = {len(d.ysyms)}",
         f"N_PARAMS = {len(d.psyms)}",
@@ -219,7 +219,7 @@ def compile_model(model, *, cache: bool = True, directory=None, warm: bool = Tru
         header = _header(model, d, plan, key)
         template = _TEMPLATE.read_text(encoding="utf-8").split(_MARKER, 1)[1]
         nb_src = header + codegen.numba_source(d, plan) + "\n" + template
-        np_src = header.replace("from numba import njit, prange", "import numpy") + \
+        np_src = header.replace("from numba import njit", "import numpy") + \
             codegen.numpy_source(d)
         timings["codegen"] = time.perf_counter() - ts
         _atomic_write(np_path, np_src)

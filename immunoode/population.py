@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -102,7 +103,7 @@ class _Progress:
 def simulate_population(model, population, regimen: Regimen | None = None, *, t_eval=None,
                         t_end: float = 365.0, dt: float = 1.0, outputs: Sequence[str] | None = None,
                         method: str = "rodas4", rtol: float = 1e-6, atol=1e-9,
-                        n_jobs: int = 1, chunk_size: int = 256, progress: bool = False,
+                        n_jobs: int = 1, chunk_size: int = 64, progress: bool = False,
                         max_steps: int = 1_000_000, hmax: float = np.inf) -> xr.Dataset:
     """Simulate every patient of ``population`` and return a Dataset over (patient, time).
 
@@ -113,7 +114,8 @@ def simulate_population(model, population, regimen: Regimen | None = None, *, t_
     regimen : the same regimen for everyone (weight-based doses use each patient's ``WT``/``BSA``).
     outputs : record names to keep (default: all states, assignments, observables);
         keep this short for large populations — memory is N × len(outputs) × len(t_eval).
-    n_jobs : threads for the compiled path (patients run in parallel).
+    n_jobs : threads for the compiled path (chunks of patients run in parallel; the
+        compiled integrator releases the GIL).
     chunk_size : patients per compiled call (progress and Ctrl-C act between chunks).
 
     Returns
@@ -163,22 +165,34 @@ def simulate_population(model, population, regimen: Regimen | None = None, *, t_
     t_start = time.perf_counter()
     try:
         if method == "rodas4":
-            import numba
-            old = numba.get_num_threads()
-            numba.set_num_threads(max(1, min(int(n_jobs), numba.config.NUMBA_NUM_THREADS)))
-            try:
-                for c0 in range(0, len(todo), chunk_size):
-                    ix = todo[c0:c0 + chunk_size]
-                    out = np.empty((len(ix), len(sel), T))
-                    info = np.empty((len(ix), 8))
-                    st = np.empty(len(ix), dtype=np.int64)
-                    cm.numba.integrate_many(Y0[ix], P[ix], t_eval, EV_T[ix], EV_K[ix], EV_I[ix],
-                                            EV_V[ix], sel, float(rtol), atol_v, int(max_steps),
-                                            float(hmax), out, info, st)
-                    OUT[ix], INFO[ix], STATUS[ix] = out, info, st
-                    prog.update(c0 + len(ix) + int(bad.sum()), int(np.sum((STATUS < 0) & (STATUS != -10))))
-            finally:
-                numba.set_num_threads(old)
+            chunks = [todo[c:c + chunk_size] for c in range(0, len(todo), chunk_size)]
+
+            def run_chunk(ix):
+                out = np.empty((len(ix), len(sel), T))
+                info = np.empty((len(ix), 8))
+                st = np.empty(len(ix), dtype=np.int64)
+                cm.numba.integrate_many(Y0[ix], P[ix], t_eval, EV_T[ix], EV_K[ix], EV_I[ix],
+                                        EV_V[ix], sel, float(rtol), atol_v, int(max_steps),
+                                        float(hmax), out, info, st)
+                OUT[ix], INFO[ix], STATUS[ix] = out, info, st
+                return len(ix)
+
+            done = int(bad.sum())
+            if n_jobs <= 1:
+                for ix in chunks:
+                    done += run_chunk(ix)
+                    prog.update(done, int(np.sum((STATUS < 0) & (STATUS != -10))))
+            else:
+                with ThreadPoolExecutor(max_workers=int(n_jobs)) as pool:
+                    futures = [pool.submit(run_chunk, ix) for ix in chunks]
+                    try:
+                        for fut in as_completed(futures):
+                            done += fut.result()
+                            prog.update(done, int(np.sum((STATUS < 0) & (STATUS != -10))))
+                    except KeyboardInterrupt:
+                        for fut in futures:
+                            fut.cancel()
+                        raise
         else:
             from .scipy_path import integrate_scipy
             from .errors import SimulationError

@@ -58,6 +58,24 @@ _D1 = 0.25
 _D2 = -0.1043
 _D3 = 0.1035
 _D4 = -0.03620000000000023
+# the same tableau as arrays, in the "u5 + k5" form: stage 6 evaluates at
+# y + sum_j A5j K_j + K_5 and the solution is that point plus K_6 (error K_6).
+_A = np.array([
+    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+    [_A21, 0.0, 0.0, 0.0, 0.0, 0.0],
+    [_A31, _A32, 0.0, 0.0, 0.0, 0.0],
+    [_A41, _A42, _A43, 0.0, 0.0, 0.0],
+    [_A51, _A52, _A53, _A54, 0.0, 0.0],
+    [_A51, _A52, _A53, _A54, 1.0, 0.0]])
+_C = np.array([
+    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+    [_C21, 0.0, 0.0, 0.0, 0.0, 0.0],
+    [_C31, _C32, 0.0, 0.0, 0.0, 0.0],
+    [_C41, _C42, _C43, 0.0, 0.0, 0.0],
+    [_C51, _C52, _C53, _C54, 0.0, 0.0],
+    [_C61, _C62, _C63, _C64, _C65, 0.0]])
+_CS = np.array([0.0, _c2, _c3, _c4, 1.0, 1.0])
+_DS = np.array([_D1, _D2, _D3, _D4, 0.0, 0.0])
 _H21 = 10.12623508344586
 _H22 = -7.487995877610167
 _H23 = -34.80091861555747
@@ -163,7 +181,7 @@ def _apply_event(kind, idx, val, y, u):
         y[idx] *= val
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def integrate(y0, p, t_out, ev_t, ev_kind, ev_idx, ev_val, sel, rtol, atol, max_steps, hmax,
               out, info):
     """Integrate one parameter set over ``t_out`` through the events.
@@ -180,12 +198,7 @@ def integrate(y0, p, t_out, ev_t, ev_kind, ev_idx, ev_val, sel, rtol, atol, max_
     f0 = np.empty(n)
     du = np.empty(n)
     dT = np.zeros(n)
-    k1 = np.empty(n)
-    k2 = np.empty(n)
-    k3 = np.empty(n)
-    k4 = np.empty(n)
-    k5 = np.empty(n)
-    k6 = np.empty(n)
+    K = np.zeros((6, n))
     kd1 = np.empty(n)
     kd2 = np.empty(n)
     jv = np.empty(max(NNZ, 1))
@@ -278,54 +291,32 @@ def integrate(y0, p, t_out, ev_t, ev_kind, ev_idx, ev_val, sel, rtol, atol, max_
                             break
                         continue
                 info[5] += 1
-                # stage 1
-                for i in range(n):
-                    k1[i] = f0[i] + h * _D1 * dT[i]
-                _linsolve(dense, lu, A, piv, k1)
-                # stage 2
-                for i in range(n):
-                    ytmp[i] = y[i] + _A21 * k1[i]
-                rhs(t + _c2 * h, ytmp, p, u, du)
-                for i in range(n):
-                    k2[i] = du[i] + h * _D2 * dT[i] + (_C21 * k1[i]) / h
-                _linsolve(dense, lu, A, piv, k2)
-                # stage 3
-                for i in range(n):
-                    ytmp[i] = y[i] + _A31 * k1[i] + _A32 * k2[i]
-                rhs(t + _c3 * h, ytmp, p, u, du)
-                for i in range(n):
-                    k3[i] = du[i] + h * _D3 * dT[i] + (_C31 * k1[i] + _C32 * k2[i]) / h
-                _linsolve(dense, lu, A, piv, k3)
-                # stage 4
-                for i in range(n):
-                    ytmp[i] = y[i] + _A41 * k1[i] + _A42 * k2[i] + _A43 * k3[i]
-                rhs(t + _c4 * h, ytmp, p, u, du)
-                for i in range(n):
-                    k4[i] = du[i] + h * _D4 * dT[i] + (_C41 * k1[i] + _C42 * k2[i]
-                                                       + _C43 * k3[i]) / h
-                _linsolve(dense, lu, A, piv, k4)
-                # stage 5
-                for i in range(n):
-                    ytmp[i] = y[i] + _A51 * k1[i] + _A52 * k2[i] + _A53 * k3[i] + _A54 * k4[i]
-                rhs(t + h, ytmp, p, u, du)
-                for i in range(n):
-                    k5[i] = du[i] + (_C51 * k1[i] + _C52 * k2[i] + _C53 * k3[i]
-                                     + _C54 * k4[i]) / h
-                _linsolve(dense, lu, A, piv, k5)
-                # stage 6 (embedded solution u5 + k5; error = k6)
-                for i in range(n):
-                    ytmp[i] = ytmp[i] + k5[i]
-                rhs(t + h, ytmp, p, u, du)
-                for i in range(n):
-                    k6[i] = du[i] + (_C61 * k1[i] + _C62 * k2[i] + _C63 * k3[i] + _C64 * k4[i]
-                                     + _C65 * k5[i]) / h
-                _linsolve(dense, lu, A, piv, k6)
+                # six stages: K[s] = W^-1 (f(t + c_s h, y + sum_j A[s,j] K[j]) + h d_s f_t
+                #                          + sum_j C[s,j] K[j] / h),  W = I/(h gamma) - J
+                for st in range(6):
+                    if st == 0:
+                        for i in range(n):
+                            du[i] = f0[i]
+                    else:
+                        for i in range(n):
+                            acc = y[i]
+                            for jj in range(st):
+                                acc += _A[st, jj] * K[jj, i]
+                            ytmp[i] = acc
+                        rhs(t + _CS[st] * h, ytmp, p, u, du)
+                    for i in range(n):
+                        acc = du[i] + h * _DS[st] * dT[i]
+                        cc = 0.0
+                        for jj in range(st):
+                            cc += _C[st, jj] * K[jj, i]
+                        K[st, i] = acc + cc / h
+                    _linsolve(dense, lu, A, piv, K[st])
                 info[3] += 5
                 err = 0.0
                 for i in range(n):
-                    ynew[i] = ytmp[i] + k6[i]
+                    ynew[i] = ytmp[i] + K[5, i]
                     sc = atol[i] + rtol * max(abs(y[i]), abs(ynew[i]))
-                    e = k6[i] / sc
+                    e = K[5, i] / sc
                     err += e * e
                 err = math.sqrt(err / n)
                 last_err = err
@@ -335,10 +326,10 @@ def integrate(y0, p, t_out, ev_t, ev_kind, ev_idx, ev_val, sel, rtol, atol, max_
                     # dense output for output times inside (t, tnew), strictly before tb
                     if io < T and t_out[io] <= tnew and t_out[io] < tb:
                         for i in range(n):
-                            kd1[i] = (_H21 * k1[i] + _H22 * k2[i] + _H23 * k3[i]
-                                      + _H24 * k4[i] + _H25 * k5[i])
-                            kd2[i] = (_H31 * k1[i] + _H32 * k2[i] + _H33 * k3[i]
-                                      + _H34 * k4[i] + _H35 * k5[i])
+                            kd1[i] = (_H21 * K[0, i] + _H22 * K[1, i] + _H23 * K[2, i]
+                                      + _H24 * K[3, i] + _H25 * K[4, i])
+                            kd2[i] = (_H31 * K[0, i] + _H32 * K[1, i] + _H33 * K[2, i]
+                                      + _H34 * K[3, i] + _H35 * K[4, i])
                         while io < T and t_out[io] <= tnew and t_out[io] < tb:
                             th = (t_out[io] - t) / h
                             th1 = 1.0 - th
@@ -375,7 +366,7 @@ def integrate(y0, p, t_out, ev_t, ev_kind, ev_idx, ev_val, sel, rtol, atol, max_
                 iw = 0
                 for i in range(n):
                     sc = atol[i] + rtol * abs(y[i])
-                    e = abs(k6[i]) / sc
+                    e = abs(K[5, i]) / sc
                     if not math.isfinite(e) or not math.isfinite(ynew[i]):
                         iw = i
                         break
@@ -399,10 +390,11 @@ def integrate(y0, p, t_out, ev_t, ev_kind, ev_idx, ev_val, sel, rtol, atol, max_
     return status
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def integrate_many(Y0, P, t_out, EV_T, EV_K, EV_I, EV_V, sel, rtol, atol, max_steps, hmax,
                    OUT, INFO, STATUS):
-    """:func:`integrate` for every row of ``Y0``/``P``, in parallel over rows."""
-    for i in prange(Y0.shape[0]):
+    """:func:`integrate` for every row of ``Y0``/``P`` (releases the GIL: callers run
+    chunks of rows on several threads)."""
+    for i in range(Y0.shape[0]):
         STATUS[i] = integrate(Y0[i], P[i], t_out, EV_T[i], EV_K[i], EV_I[i], EV_V[i], sel, rtol,
                               atol, max_steps, hmax, OUT[i], INFO[i])
