@@ -109,7 +109,7 @@ def _cmd_simulate(args) -> int:
 def _cmd_run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ds = _simulate(DEFAULT_MODEL, DEFAULT_REGIMEN, {}, args.t_end, 1.0, "rodas4", 1e-8, 1e-10,
+    ds = _simulate(DEFAULT_MODEL, DEFAULT_REGIMEN, {}, args.t_end, 1.0, "rodas5p", 1e-8, 1e-10,
                    str(out / "results.nc"))
     from .io import write_results
     write_results(ds, out / "results.csv")
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a parameter")
     s.add_argument("--t-end", type=float, default=365.0, help="end time in model time units")
     s.add_argument("--dt", type=float, default=1.0, help="output interval")
-    s.add_argument("--method", default="rodas4", choices=["rodas4", "LSODA", "BDF", "Radau"])
+    s.add_argument("--method", default="rodas5p", choices=["rodas5p", "rodas4", "LSODA", "BDF", "Radau"])
     s.add_argument("--rtol", type=float, default=1e-6)
     s.add_argument("--atol", type=float, default=1e-9)
     s.add_argument("--out", help="results file: .nc (netCDF) or .csv; default CSV on stdout")

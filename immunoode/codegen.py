@@ -51,6 +51,48 @@ class Derivation:
     has_t: bool
     record: list                       # expressions for assignments + observables
     initial: list
+    derived: list = None               # [(p_k symbol, expression of p)] hoisted out of hot code
+    hot_rhs: list = None               # rhs / jac / dfdt with parameter-only terms hoisted
+    hot_jac: list = None
+    hot_dfdt: list = None
+
+
+def hoist_parameter_terms(exprs, psyms, start: int):
+    """Replace parameter-only subexpressions by new symbols ``p_{start+k}``.
+
+    They are computed once per parameter set instead of at every right-hand-side
+    call (e.g. ``EC50**n``, ``1/V1``, products of rate constants).  Returns the
+    rewritten expressions and the list of ``(symbol, expression)`` definitions.
+    """
+    pset = set(psyms)
+    memo: dict = {}
+    defs: list = []
+
+    def pure(e):
+        fs = e.free_symbols
+        return bool(fs) and fs <= pset
+
+    def new(e):
+        if e not in memo:
+            sym = sympy.Symbol(f"p_{start + len(defs)}", real=True)
+            memo[e] = sym
+            defs.append((sym, e))
+        return memo[e]
+
+    def walk(e):
+        if e.is_Atom or not e.args:
+            return e
+        if isinstance(e, sympy.Expr) and pure(e):
+            return new(e)
+        if isinstance(e, (sympy.Add, sympy.Mul)):
+            pp = [a for a in e.args if pure(a)]
+            rest = [walk(a) for a in e.args if not pure(a)]
+            if len(pp) >= 2 or (len(pp) == 1 and not pp[0].is_Symbol):
+                return e.func(new(e.func(*pp)), *rest)
+            return e.func(*pp, *rest)
+        return e.func(*[walk(a) for a in e.args])
+
+    return [walk(e) for e in exprs], defs
 
 
 def _clean(e: sympy.Expr) -> sympy.Expr:
@@ -89,8 +131,11 @@ def derive(model) -> Derivation:
     record = [pos(a.expr) for a in model.assignments.values()]
     record += [pos(o.expr) for o in model.observables.values()]
     initial = [expand_hill(s.initial).xreplace(to_pos) for s in model.states.values()]
+    hot, derived = hoist_parameter_terms(rhs + jac + dfdt, psyms, len(psyms))
+    nr, nj = len(rhs), len(jac)
     return Derivation(tuple(snames), tuple(pnames), record_names, ysyms, psyms, rhs, rows, cols,
-                      jac, dfdt, has_t, record, initial)
+                      jac, dfdt, has_t, record, initial, derived, hot[:nr], hot[nr:nr + nj],
+                      hot[nr + nj:])
 
 
 # ------------------------------------------------------------------ sparse LU
@@ -239,6 +284,14 @@ def _unpack(d: Derivation, exprs, *, array=False, need_t=False):
     return lines
 
 
+class _Ext:
+    """Symbol view for :func:`_unpack` with the derived parameters appended."""
+
+    def __init__(self, d, dsyms):
+        self.ysyms = d.ysyms
+        self.psyms = tuple(d.psyms) + tuple(dsyms)
+
+
 def numba_source(d: Derivation, plan: LUPlan | None) -> str:
     """Scalar model functions for the numba solver (see ``solvers/rodas.py``)."""
     pr = _NumbaPrinter({"fully_qualified_modules": True, "standard": "python3"})
@@ -246,21 +299,29 @@ def numba_source(d: Derivation, plan: LUPlan | None) -> str:
     out = []
     n = len(d.ysyms)
     # rhs
-    reps, red = _cse(d.rhs)
-    out += _fn(pr, "rhs", ["t", "y", "p", "u", "out"], _unpack(d, d.rhs), reps,
+    # derived parameters (computed once per parameter set); p_j with j >= N_PARAMS
+    dsyms = [s_ for s_, _ in d.derived]
+    dexprs = [e for _, e in d.derived]
+    reps, red = _cse(dexprs) if dexprs else ([], [])
+    out += _fn(pr, "derive_params", ["p", "pe"], _unpack(d, dexprs), reps,
+               [f"pe[{s_.name[2:]}]" for s_ in dsyms], red, decorator=dec)
+    out += [f"    for j in range({len(d.psyms)}):", "        pe[j] = p[j]", ""]
+    ext = _Ext(d, dsyms)
+    reps, red = _cse(d.hot_rhs)
+    out += _fn(pr, "rhs", ["t", "y", "p", "u", "out"], _unpack(ext, d.hot_rhs), reps,
                [f"out[{i}]" for i in range(n)], [r for r in red], decorator=dec)
     out[-n:] = [ln.replace(" = ", " = (", 1) + f") + u[{i}]" for i, ln in enumerate(out[-n:])]
     out.append("")
     # jacobian (nonzeros)
-    reps, red = _cse(d.jac) if d.jac else ([], [])
-    out += _fn(pr, "jac", ["t", "y", "p", "out"], _unpack(d, d.jac), reps,
-               [f"out[{k}]" for k in range(len(d.jac))], red, decorator=dec)
+    reps, red = _cse(d.hot_jac) if d.hot_jac else ([], [])
+    out += _fn(pr, "jac", ["t", "y", "p", "out"], _unpack(ext, d.hot_jac), reps,
+               [f"out[{k}]" for k in range(len(d.hot_jac))], red, decorator=dec)
     out.append("    return")
     out.append("")
     # dfdt
     if d.has_t:
-        reps, red = _cse(d.dfdt)
-        out += _fn(pr, "dfdt", ["t", "y", "p", "out"], _unpack(d, d.dfdt), reps,
+        reps, red = _cse(d.hot_dfdt)
+        out += _fn(pr, "dfdt", ["t", "y", "p", "out"], _unpack(ext, d.hot_dfdt), reps,
                    [f"out[{i}]" for i in range(n)], red, decorator=dec)
     else:
         out += [dec, "def dfdt(t, y, p, out):", "    for i in range(out.shape[0]):",
@@ -275,17 +336,23 @@ def numba_source(d: Derivation, plan: LUPlan | None) -> str:
     # LU
     out += _lu_source(plan, dec) if plan is not None else [
         dec, "def lu_factor(jv, c, lu):", "    return False", "",
-        dec, "def lu_solve(lu, b):", "    return"]
+        dec, "def lu_solve(lu, B, r):", "    return"]
     return "\n".join(out) + "\n"
 
 
 def _lu_source(plan: LUPlan, dec: str) -> list[str]:
     s = plan.slots
     lines = [dec, "def lu_factor(jv, c, lu):"]
-    lines.append(f"    for i in range({len(s)}):")
-    lines.append("        lu[i] = 0.0")
+    fill = set(s.values()) - set(plan.jac_slot)
+    first = set()
     for k, slot in enumerate(plan.jac_slot):
-        lines.append(f"    lu[{slot}] -= jv[{k}]")
+        if slot in first:
+            lines.append(f"    lu[{slot}] -= jv[{k}]")
+        else:
+            lines.append(f"    lu[{slot}] = -jv[{k}]")
+            first.add(slot)
+    for slot in sorted(fill):
+        lines.append(f"    lu[{slot}] = 0.0")
     for slot in plan.diag_slot:
         lines.append(f"    lu[{slot}] += c")
     for op in plan.ops:
@@ -295,6 +362,7 @@ def _lu_source(plan: LUPlan, dec: str) -> list[str]:
             lines.append(f"    if not abs(lu[{dk}]) > 1e-10 * c:")
             lines.append("        return False")
             lines.append(f"    inv = 1.0 / lu[{dk}]")
+            lines.append(f"    lu[{dk}] = inv")  # the diagonal stores its reciprocal
         elif op[0] == "scale":
             lines.append(f"    lu[{s[op[1]]}] *= inv")
         else:
@@ -303,18 +371,18 @@ def _lu_source(plan: LUPlan, dec: str) -> list[str]:
     lines.append("")
     # solve in place: permute b into x, forward (unit L), backward (U), unpermute.
     n = plan.n
-    lines += [dec, "def lu_solve(lu, b):"]
+    lines += [dec, "def lu_solve(lu, B, r):"]
     for k, o in enumerate(plan.perm):
-        lines.append(f"    x{k} = b[{o}]")
+        lines.append(f"    x{k} = B[r, {o}]")
     for i in range(n):
         terms = [f" - lu[{sl}] * x{k}" for sl, k in plan.lower[i]]
         if terms:
             lines.append(f"    x{i} = x{i}" + "".join(terms))
     for i in reversed(range(n)):
         terms = [f" - lu[{sl}] * x{j}" for sl, j in plan.upper[i]]
-        lines.append(f"    x{i} = (x{i}" + "".join(terms) + f") / lu[{plan.diag_slot[i]}]")
+        lines.append(f"    x{i} = (x{i}" + "".join(terms) + f") * lu[{plan.diag_slot[i]}]")
     for k, o in enumerate(plan.perm):
-        lines.append(f"    b[{o}] = x{k}")
+        lines.append(f"    B[r, {o}] = x{k}")
     lines.append("")
     return lines
 

@@ -4,7 +4,7 @@
 record (assignments, observables) with sympy, prints two backends
 
 * ``numpy``: array code vectorised over many parameter sets (columns), and
-* ``numba``: scalar code plus the Rodas4 integrator (:mod:`immunoode.solvers.rodas4`),
+* ``numba``: scalar code plus a Rosenbrock integrator (:mod:`immunoode.solvers.rosenbrock`),
   compiled to machine code,
 
 and writes both to the cache directory (``$IMMUNOODE_CACHE_DIR``, else
@@ -30,10 +30,12 @@ import numpy as np
 from . import codegen
 from ._version import __version__
 from .errors import ModelError
+from .solvers.tableaus import TABLEAUS, tableau_source
 
 __all__ = ["CompiledModel", "compile_model", "cache_dir"]
 
-_TEMPLATE = Path(__file__).parent / "solvers" / "rodas4.py"
+_TEMPLATE = Path(__file__).parent / "solvers" / "rosenbrock.py"
+_TABLEAUS = Path(__file__).parent / "solvers" / "tableaus.py"
 _MARKER = "# --- template begins ---"
 _LOADED: dict[str, object] = {}   # per-process memo of imported generated modules
 
@@ -49,7 +51,7 @@ def cache_dir() -> Path:
 
 def _generator_hash() -> str:
     h = hashlib.sha256(__version__.encode())
-    for f in (_TEMPLATE, Path(codegen.__file__), Path(__file__)):
+    for f in (_TEMPLATE, _TABLEAUS, Path(codegen.__file__), Path(__file__)):
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -81,6 +83,7 @@ class CompiledModel:
     ----------
     model : the :class:`~immunoode.model.Model`.
     numba : generated module with ``rhs, jac, dfdt, record, integrate, integrate_many``.
+    method : the compiled Rosenbrock method (``"rodas5p"`` or ``"rodas4"``).
     numpy : generated module with vectorised ``rhs, jac, dfdt, record, initial``.
     compile_time : seconds spent in :func:`compile_model` (derivation, codegen, machine code).
     cache_hit : True when the generated code came from the on-disk cache.
@@ -95,6 +98,7 @@ class CompiledModel:
     cache_hit: bool
     path: Path
     timings: dict = field(default_factory=dict)
+    method: str = "rodas5p"
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -124,6 +128,12 @@ class CompiledModel:
             vals[k] = float(v)
         return np.array([vals[k] for k in self.parameter_names], dtype=float)
 
+    def extended_parameters(self, p) -> np.ndarray:
+        """Parameters followed by the derived parameter-only terms the compiled code uses."""
+        pe = np.empty(self.numba.N_PE)
+        self.numba.derive_params(np.asarray(p, dtype=float), pe)
+        return pe
+
     def initial_state(self, p) -> np.ndarray:
         """Initial states for parameter vector(s) ``p`` (n_params,) or (n_params, N)."""
         p = np.asarray(p, dtype=float)
@@ -136,7 +146,7 @@ class CompiledModel:
         p = np.asarray(p, dtype=float)
         if backend == "numba":
             out = np.empty_like(y)
-            self.numba.rhs(float(t), y, p, np.zeros_like(y), out)
+            self.numba.rhs(float(t), y, self.extended_parameters(p), np.zeros_like(y), out)
             return out
         out = np.empty(y.shape)
         return self.numpy.rhs(t, y, p, out)
@@ -148,7 +158,7 @@ class CompiledModel:
         rows, cols = self.jac_pattern
         if backend == "numba":
             vals = np.empty(max(len(rows), 1))
-            self.numba.jac(float(t), y, p, vals)
+            self.numba.jac(float(t), y, self.extended_parameters(p), vals)
         else:
             vals = self.numpy.jac(t, y, p, np.empty(max(len(rows), 1)))
         J = np.zeros((len(y), len(y)))
@@ -173,6 +183,7 @@ def _header(model, d, plan, key) -> str:
         "",
         f"N_STATES = {len(d.ysyms)}",
         f"N_PARAMS = {len(d.psyms)}",
+        f"N_PE = {len(d.psyms) + len(d.derived or [])}",
         f"N_RECORD = {len(d.record_names)}",
         f"NNZ = {len(d.jac)}",
         f"NLU = {len(plan.slots) if plan else 0}",
@@ -188,12 +199,14 @@ def _header(model, d, plan, key) -> str:
     return "\n".join(lines)
 
 
-def compile_model(model, *, cache: bool = True, directory=None, warm: bool = True) -> CompiledModel:
+def compile_model(model, *, method: str = "rodas5p", cache: bool = True, directory=None,
+                  warm: bool = True) -> CompiledModel:
     """Compile ``model`` (or load it from the on-disk cache).
 
     Parameters
     ----------
     model : :class:`~immunoode.model.Model`.
+    method : compiled integrator, ``"rodas5p"`` (default) or ``"rodas4"``.
     cache : reuse generated code and machine code from ``directory``.
     directory : cache location (default :func:`cache_dir`).
     warm : trigger numba compilation / cache loading now, so that the first
@@ -201,7 +214,9 @@ def compile_model(model, *, cache: bool = True, directory=None, warm: bool = Tru
     """
     t0 = time.perf_counter()
     timings = {}
-    key = f"{model.structure_hash()[:20]}_{_generator_hash()}"
+    if method not in TABLEAUS:
+        raise ValueError(f"unknown compiled method {method!r}; choose one of {', '.join(TABLEAUS)}")
+    key = f"{model.structure_hash()[:20]}_{method}_{_generator_hash()}"
     root = Path(directory) if directory is not None else cache_dir()
     nb_path = root / f"m_{key}.py"
     np_path = root / f"np_{key}.py"
@@ -218,7 +233,8 @@ def compile_model(model, *, cache: bool = True, directory=None, warm: bool = Tru
                 plan = None
         header = _header(model, d, plan, key)
         template = _TEMPLATE.read_text(encoding="utf-8").split(_MARKER, 1)[1]
-        nb_src = header + codegen.numba_source(d, plan) + "\n" + template
+        nb_src = (header + tableau_source(TABLEAUS[method]) + codegen.numba_source(d, plan) + "\n"
+                  + template)
         np_src = header.replace("from numba import njit", "import numpy") + \
             codegen.numpy_source(d)
         timings["codegen"] = time.perf_counter() - ts
@@ -228,7 +244,7 @@ def compile_model(model, *, cache: bool = True, directory=None, warm: bool = Tru
     np_mod = _import(np_path, f"immunoode_gen_np_{key}")
     nb_mod = _import(nb_path, f"immunoode_gen_{key}")
     timings["import"] = time.perf_counter() - ts
-    cm = CompiledModel(model, nb_mod, np_mod, key, 0.0, bool(hit), nb_path, timings)
+    cm = CompiledModel(model, nb_mod, np_mod, key, 0.0, bool(hit), nb_path, timings, method)
     if warm:
         ts = time.perf_counter()
         _warm(cm)

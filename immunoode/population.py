@@ -17,10 +17,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import xarray as xr
 
-from .compile import CompiledModel, compile_model
+from .compile import CompiledModel
 from .errors import ModelError
 from .regimen import Regimen
-from .simulate import (METHODS, STATUS_MESSAGES, _atol_vector, prepare_events, provenance,
+from .simulate import (COMPILED_METHODS, METHODS, STATUS_MESSAGES, _compiled, _atol_vector, prepare_events, provenance,
                        resolve_outputs, time_grid, to_dataset)
 
 __all__ = ["simulate_population", "population_table"]
@@ -102,7 +102,7 @@ class _Progress:
 
 def simulate_population(model, population, regimen: Regimen | None = None, *, t_eval=None,
                         t_end: float = 365.0, dt: float = 1.0, outputs: Sequence[str] | None = None,
-                        method: str = "rodas4", rtol: float = 1e-6, atol=1e-9,
+                        method: str = "rodas5p", rtol: float = 1e-6, atol=1e-9,
                         n_jobs: int = 1, chunk_size: int = 64, progress: bool = False,
                         max_steps: int = 1_000_000, hmax: float = np.inf) -> xr.Dataset:
     """Simulate every patient of ``population`` and return a Dataset over (patient, time).
@@ -124,9 +124,9 @@ def simulate_population(model, population, regimen: Regimen | None = None, *, t_
     ``message``, ``n_steps``, ``t_fail``; ``attrs["n_failed"]`` counts failures.
     Interrupted runs return what finished, the rest marked ``status = -10``.
     """
-    cm = model if isinstance(model, CompiledModel) else compile_model(model)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    cm = _compiled(model, method)
     t_eval = time_grid(t_end, dt) if t_eval is None else np.asarray(t_eval, dtype=float)
     P, init, _, ids = population_table(cm, population)
     N, T = P.shape[0], len(t_eval)
@@ -164,7 +164,7 @@ def simulate_population(model, population, regimen: Regimen | None = None, *, t_
     interrupted = False
     t_start = time.perf_counter()
     try:
-        if method == "rodas4":
+        if method in COMPILED_METHODS:
             chunks = [todo[c:c + chunk_size] for c in range(0, len(todo), chunk_size)]
 
             def run_chunk(ix):

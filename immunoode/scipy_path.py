@@ -38,15 +38,17 @@ def integrate_scipy(cm, y0, p, t_eval, events, sel, method="LSODA", rtol=1e-6, a
     nb = cm.numba
 
     if backend == "numba":
+        pe = cm.extended_parameters(p)
+
         def fun(t, y):
             out = np.empty(n)
-            nb.rhs(t, y, p, u, out)
+            nb.rhs(t, y, pe, u, out)
             return out
 
         def jac(t, y):
             J = np.zeros((n, n))
             if nnz:
-                nb.jac(t, y, p, jv)
+                nb.jac(t, y, pe, jv)
                 J[rows, cols] = jv[:nnz]
             return J
     else:

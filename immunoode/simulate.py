@@ -1,7 +1,7 @@
 """Simulate one parameter set through a dosing regimen.
 
-The default method, ``"rodas4"``, is the numba-compiled Rosenbrock integrator
-(:mod:`immunoode.solvers.rodas4`).  ``"LSODA"``, ``"BDF"`` and ``"Radau"`` use
+The default method, ``"rodas5p"``, is the numba-compiled Rosenbrock integrator
+(:mod:`immunoode.solvers.rosenbrock`; ``"rodas4"`` is the other compiled choice).  ``"LSODA"``, ``"BDF"`` and ``"Radau"`` use
 :func:`scipy.integrate.solve_ivp` with the compiled right-hand side and analytic
 Jacobian; they are the reference path.  Both restart the integration at every
 event time.
@@ -24,7 +24,8 @@ from .regimen import Regimen
 __all__ = ["simulate", "METHODS", "STATUS_MESSAGES", "prepare_events", "resolve_outputs",
            "time_grid", "provenance"]
 
-METHODS = ("rodas4", "LSODA", "BDF", "Radau")
+METHODS = ("rodas5p", "rodas4", "LSODA", "BDF", "Radau")
+COMPILED_METHODS = ("rodas5p", "rodas4")
 
 STATUS_MESSAGES = {
     0: "success",
@@ -38,8 +39,13 @@ STATUS_MESSAGES = {
 }
 
 
-def _compiled(model) -> CompiledModel:
-    return model if isinstance(model, CompiledModel) else compile_model(model)
+def _compiled(model, method: str = "rodas5p") -> CompiledModel:
+    """The compiled model for ``method`` (recompiled, from the disk cache, if it differs)."""
+    if isinstance(model, CompiledModel):
+        if method in COMPILED_METHODS and model.method != method:
+            return compile_model(model.model, method=method)
+        return model
+    return compile_model(model, method=method if method in COMPILED_METHODS else "rodas5p")
 
 
 def time_grid(t_end: float = 365.0, dt: float = 1.0, t0: float = 0.0) -> np.ndarray:
@@ -142,7 +148,7 @@ def _fmt(q) -> str:
 
 def simulate(model, regimen: Regimen | None = None, *, t_eval=None, t_end: float = 365.0,
              dt: float = 1.0, parameters: Mapping[str, float] | None = None,
-             initial: Mapping[str, float] | None = None, method: str = "rodas4",
+             initial: Mapping[str, float] | None = None, method: str = "rodas5p",
              rtol: float = 1e-6, atol=1e-9, max_steps: int = 1_000_000, hmax: float = np.inf,
              outputs: Sequence[str] | None = None) -> xr.Dataset:
     """Simulate one parameter set and return an :class:`xarray.Dataset` over ``time``.
@@ -154,7 +160,8 @@ def simulate(model, regimen: Regimen | None = None, *, t_eval=None, t_end: float
     t_eval : output times (model time unit); default ``time_grid(t_end, dt)``.
     parameters : overrides of nominal parameter values, name -> value.
     initial : overrides of initial state values, name -> value.
-    method : ``"rodas4"`` (compiled, default) or a scipy method ``"LSODA"``, ``"BDF"``, ``"Radau"``.
+    method : ``"rodas5p"`` (compiled, default), ``"rodas4"`` (compiled) or a scipy method
+        ``"LSODA"``, ``"BDF"``, ``"Radau"`` (the reference path).
     rtol, atol : relative and absolute tolerances (``atol`` scalar, per-state array or mapping).
     outputs : record names to keep (default: every state, assignment and observable).
 
@@ -162,9 +169,9 @@ def simulate(model, regimen: Regimen | None = None, *, t_eval=None, t_end: float
     ------
     SimulationError : the integrator failed; the message names the time and the state.
     """
-    cm = _compiled(model)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    cm = _compiled(model, method)
     t_eval = time_grid(t_end, dt) if t_eval is None else np.asarray(t_eval, dtype=float)
     if t_eval.ndim != 1 or len(t_eval) < 1 or np.any(np.diff(t_eval) < 0) or \
             not np.all(np.isfinite(t_eval)):
@@ -180,7 +187,7 @@ def simulate(model, regimen: Regimen | None = None, *, t_eval=None, t_end: float
     ev = prepare_events(cm, regimen, params, float(t_eval[0]), float(t_eval[-1]))
     sel = resolve_outputs(cm, outputs)
     atol_v = _atol_vector(cm, atol)
-    if method == "rodas4":
+    if method in COMPILED_METHODS:
         out = np.empty((1, len(sel), len(t_eval)))
         info = np.empty((1, 8))
         status = np.empty(1, dtype=np.int64)

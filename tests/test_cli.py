@@ -65,7 +65,7 @@ def test_simulate_netcdf_with_set(tmp_path):
     ds = xr.open_dataset(out)
     assert '"CL": 0.3' in ds.attrs["parameters"]
     assert ds["concentration"].attrs["units"] == "mg/L"
-    assert ds.attrs["solver"] == "rodas4" and ds.attrs["immunoode_version"] == __version__
+    assert ds.attrs["solver"] == "rodas5p" and ds.attrs["immunoode_version"] == __version__
     ds.close()
 
 

@@ -41,7 +41,7 @@ def test_one_compartment_repeated_bolus(one):
     assert rel_err(ds["C"].values, ref / 3.0) < 1e-6
 
 
-@pytest.mark.parametrize("method", ["rodas4", "LSODA", "Radau"])
+@pytest.mark.parametrize("method", ["rodas5p", "rodas4", "LSODA", "Radau"])
 def test_two_compartment_repeated_bolus(two_cpt, method):
     reg = Regimen((Dose("A1", 200.0, start=0, every=21, count=5),))
     t = np.arange(0, 140.0, 0.5)
@@ -52,7 +52,7 @@ def test_two_compartment_repeated_bolus(two_cpt, method):
         for j, tt in enumerate(t):
             if tt >= td:
                 ref[:, j] += expm(K * (tt - td)) @ np.array([200.0, 0.0])
-    tol = 1e-6 if method == "rodas4" else 1e-5  # scipy's paths are the reference, not the target
+    tol = 1e-6 if method.startswith("rodas") else 1e-5  # scipy's paths are the reference, not the target
     assert rel_err(ds["A1"].values, ref[0]) < tol
     assert rel_err(ds["A2"].values, ref[1]) < tol
 
@@ -197,8 +197,10 @@ def test_backends_agree(tumor_pd):
     ev = prepare_events(tumor_pd, reg, tumor_pd.model.parameter_values, 0.0, 100.0)
     sel = np.arange(len(tumor_pd.record_names))
     y0 = tumor_pd.initial_state(p)
-    a, _ = integrate_scipy(tumor_pd, y0, p, t, ev, sel, "LSODA", 1e-8, np.full(4, 1e-12), "numba")
-    b, _ = integrate_scipy(tumor_pd, y0, p, t, ev, sel, "LSODA", 1e-8, np.full(4, 1e-12), "numpy")
+    # an adaptive solver turns last-bit differences into differences of order rtol:
+    # compare at a tolerance well below the 1e-9 agreement asked for
+    a, _ = integrate_scipy(tumor_pd, y0, p, t, ev, sel, "LSODA", 1e-12, np.full(4, 1e-15), "numba")
+    b, _ = integrate_scipy(tumor_pd, y0, p, t, ev, sel, "LSODA", 1e-12, np.full(4, 1e-15), "numpy")
     assert np.max(np.abs(a - b) / (np.abs(b) + 1e-12)) < 1e-9
 
 

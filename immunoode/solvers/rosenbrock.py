@@ -1,16 +1,17 @@
-"""Rodas4 Rosenbrock integrator, compiled with numba — a *code template*.
+"""Rosenbrock (Rodas-family) integrator, compiled with numba — a *code template*.
 
 This file is not imported as a module.  :mod:`immunoode.compile` appends its
 text (from the marker below) to the generated, model-specific functions
 ``rhs``, ``jac``, ``dfdt``, ``record``, ``lu_factor`` and ``lu_solve`` and the
 constants ``N_STATES``, ``NNZ``, ``NLU``, ``JAC_ROWS``, ``JAC_COLS``,
-``HAS_T``, ``HAS_SPARSE_LU``, and writes the result to the on-disk cache,
-where numba caches the machine code next to it.
+``HAS_T``, ``HAS_SPARSE_LU`` and a tableau from :mod:`.tableaus` (``_NS``,
+``_A``, ``_C``, ``_CS``, ``_DS``, ``_H``, ``_GAMMA``, ``_ERR_EXP``), and writes
+the result to the on-disk cache, where numba caches the machine code next to it.
 
-Method: Rodas4 (Hairer & Wanner, *Solving ODEs II*, 2nd ed., §VI.4), a
-stiffly accurate L-stable Rosenbrock method of order 4 with an embedded
-order-3 error estimate and a continuous (dense) output of order 3; six stages,
-one Jacobian and one LU factorisation of ``I/(hγ) − J`` per step.  Explicit
+Methods: Rodas5P (default; order 5, embedded order 4, dense output of order 4,
+eight stages) or Rodas4 (Hairer & Wanner; order 4, six stages) — stiffly
+accurate, L-stable Rosenbrock methods with one Jacobian and one LU
+factorisation of ``I/(hγ) − J`` per step.  Explicit
 time dependence enters through the ``∂f/∂t`` terms.  The linear systems use a
 straight-line sparse LU generated from the Jacobian's sparsity pattern, with a
 dense partial-pivoting LU as the fallback whenever a pivot is small.
@@ -24,69 +25,6 @@ Status codes: 0 success, -1 step size underflow, -2 non-finite state,
 -3 too many steps, -4 singular iteration matrix.
 """
 # --- template begins ---
-
-_GAMMA = 0.25
-_A21 = 1.544
-_A31 = 0.9466785280815826
-_A32 = 0.2557011698983284
-_A41 = 3.314825187068521
-_A42 = 2.896124015972201
-_A43 = 0.9986419139977817
-_A51 = 1.221224509226641
-_A52 = 6.019134481288629
-_A53 = 12.53708332932087
-_A54 = -0.6878860361058950
-_C21 = -5.6688
-_C31 = -2.430093356833875
-_C32 = -0.2063599157091915
-_C41 = -0.1073529058151375
-_C42 = -9.594562251023355
-_C43 = -20.47028614809616
-_C51 = 7.496443313967647
-_C52 = -10.24680431464352
-_C53 = -33.99990352819905
-_C54 = 11.70890893206160
-_C61 = 8.083246795921522
-_C62 = -7.981132988064893
-_C63 = -31.52159432874371
-_C64 = 16.31930543123136
-_C65 = -6.058818238834054
-_c2 = 0.386
-_c3 = 0.21
-_c4 = 0.63
-_D1 = 0.25
-_D2 = -0.1043
-_D3 = 0.1035
-_D4 = -0.03620000000000023
-# the same tableau as arrays, in the "u5 + k5" form: stage 6 evaluates at
-# y + sum_j A5j K_j + K_5 and the solution is that point plus K_6 (error K_6).
-_A = np.array([
-    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-    [_A21, 0.0, 0.0, 0.0, 0.0, 0.0],
-    [_A31, _A32, 0.0, 0.0, 0.0, 0.0],
-    [_A41, _A42, _A43, 0.0, 0.0, 0.0],
-    [_A51, _A52, _A53, _A54, 0.0, 0.0],
-    [_A51, _A52, _A53, _A54, 1.0, 0.0]])
-_C = np.array([
-    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-    [_C21, 0.0, 0.0, 0.0, 0.0, 0.0],
-    [_C31, _C32, 0.0, 0.0, 0.0, 0.0],
-    [_C41, _C42, _C43, 0.0, 0.0, 0.0],
-    [_C51, _C52, _C53, _C54, 0.0, 0.0],
-    [_C61, _C62, _C63, _C64, _C65, 0.0]])
-_CS = np.array([0.0, _c2, _c3, _c4, 1.0, 1.0])
-_DS = np.array([_D1, _D2, _D3, _D4, 0.0, 0.0])
-_H21 = 10.12623508344586
-_H22 = -7.487995877610167
-_H23 = -34.80091861555747
-_H24 = -7.992771707568823
-_H25 = 1.025137723295662
-_H31 = -0.6762803392801253
-_H32 = 6.087714651680015
-_H33 = 16.43084320892478
-_H34 = 24.76722511418386
-_H35 = -6.594389125716872
-
 
 @njit(cache=True)
 def _dense_factor(jv, c, A, piv):
@@ -124,32 +62,25 @@ def _dense_factor(jv, c, A, piv):
 
 
 @njit(cache=True)
-def _dense_solve(A, piv, b):
+def _dense_solve(A, piv, B, r):
+    """Solve in place for row ``r`` of ``B`` with the factors of :func:`_dense_factor`."""
     n = A.shape[0]
     for k in range(n):
         m = piv[k]
         if m != k:
-            tmp = b[k]
-            b[k] = b[m]
-            b[m] = tmp
+            tmp = B[r, k]
+            B[r, k] = B[r, m]
+            B[r, m] = tmp
     for i in range(n):
-        s = b[i]
+        s = B[r, i]
         for k in range(i):
-            s -= A[i, k] * b[k]
-        b[i] = s
+            s -= A[i, k] * B[r, k]
+        B[r, i] = s
     for i in range(n - 1, -1, -1):
-        s = b[i]
+        s = B[r, i]
         for j in range(i + 1, n):
-            s -= A[i, j] * b[j]
-        b[i] = s / A[i, i]
-
-
-@njit(cache=True)
-def _linsolve(dense, lu, A, piv, b):
-    if dense:
-        _dense_solve(A, piv, b)
-    else:
-        lu_solve(lu, b)
+            s -= A[i, j] * B[r, j]
+        B[r, i] = s / A[i, i]
 
 
 @njit(cache=True)
@@ -163,7 +94,11 @@ def _rms_scaled(v, y, rtol, atol):
 
 
 @njit(cache=True)
-def _store(t, y, p, rec, sel, out, io):
+def _store(t, y, p, rec, sel, out, io, states_only):
+    if states_only:
+        for s in range(sel.shape[0]):
+            out[s, io] = y[sel[s]]
+        return
     record(t, y, p, rec)
     for s in range(sel.shape[0]):
         out[s, io] = rec[sel[s]]
@@ -179,6 +114,66 @@ def _apply_event(kind, idx, val, y, u):
             u[idx] = 0.0
     else:
         y[idx] *= val
+
+
+@njit(cache=True, error_model="numpy")
+def _stages(t, h, y, p, u, f0, dT, dense, lu, A, piv, K, ytmp, du, ynew, rtol, atol):
+    """One Rosenbrock step: stages K[s] = W^-1 (f(t + c_s h, y + sum_j A[s,j] K[j])
+    + h d_s f_t + sum_j C[s,j] K[j] / h) with W = I/(h gamma) - J; returns the
+    scaled RMS error and leaves the new solution in ``ynew``."""
+    n = y.shape[0]
+    hinv = 1.0 / h
+    for st in range(_NS):
+        if st == 0:
+            for i in range(n):
+                du[i] = f0[i]
+        else:
+            for i in range(n):
+                acc = y[i]
+                for jj in range(st):
+                    acc += _A[st, jj] * K[jj, i]
+                ytmp[i] = acc
+            rhs(t + _CS[st] * h, ytmp, p, u, du)
+        hd = h * _DS[st]
+        for i in range(n):
+            cc = 0.0
+            for jj in range(st):
+                cc += _C[st, jj] * K[jj, i]
+            K[st, i] = du[i] + hd * dT[i] + cc * hinv
+        if dense:
+            _dense_solve(A, piv, K, st)
+        else:
+            lu_solve(lu, K, st)
+    err = 0.0
+    last = _NS - 1
+    for i in range(n):
+        ynew[i] = ytmp[i] + K[last, i]
+        sc = atol[i] + rtol * max(abs(y[i]), abs(ynew[i]))
+        e = K[last, i] / sc
+        err += e * e
+    return math.sqrt(err / n)
+
+
+@njit(cache=True, error_model="numpy")
+def _dense_coefficients(K, KD):
+    n = K.shape[1]
+    for r in range(_NH):
+        for i in range(n):
+            acc = 0.0
+            for jj in range(_NS):
+                acc += _H[r, jj] * K[jj, i]
+            KD[r, i] = acc
+
+
+@njit(cache=True, error_model="numpy")
+def _interpolate(th, y, ynew, KD, out):
+    n = y.shape[0]
+    th1 = 1.0 - th
+    for i in range(n):
+        inner = KD[_NH - 1, i]
+        for r in range(_NH - 2, -1, -1):
+            inner = KD[r, i] + th * inner
+        out[i] = th1 * y[i] + th * (ynew[i] + th1 * inner)
 
 
 @njit(cache=True, nogil=True)
@@ -198,14 +193,15 @@ def integrate(y0, p, t_out, ev_t, ev_kind, ev_idx, ev_val, sel, rtol, atol, max_
     f0 = np.empty(n)
     du = np.empty(n)
     dT = np.zeros(n)
-    K = np.zeros((6, n))
-    kd1 = np.empty(n)
-    kd2 = np.empty(n)
+    K = np.zeros((_NS, n))
+    KD = np.zeros((_NH, n))
     jv = np.empty(max(NNZ, 1))
     lu = np.empty(max(NLU, 1))
     A = np.empty((n, n))
     piv = np.zeros(n, dtype=np.int64)
     rec = np.empty(N_RECORD)
+    pe = np.empty(N_PE)
+    derive_params(p, pe)
     for j in range(info.shape[0]):
         info[j] = 0.0
     info[6] = np.nan
@@ -213,6 +209,10 @@ def integrate(y0, p, t_out, ev_t, ev_kind, ev_idx, ev_val, sel, rtol, atol, max_
 
     T = t_out.shape[0]
     E = ev_t.shape[0]
+    states_only = True
+    for s in range(sel.shape[0]):
+        if sel[s] >= n:
+            states_only = False
     t = t_out[0]
     ie = 0
     io = 0
@@ -220,7 +220,7 @@ def integrate(y0, p, t_out, ev_t, ev_kind, ev_idx, ev_val, sel, rtol, atol, max_
         _apply_event(ev_kind[ie], ev_idx[ie], ev_val[ie], y, u)
         ie += 1
     while io < T and t_out[io] <= t:
-        _store(t, y, p, rec, sel, out, io)
+        _store(t, y, p, rec, sel, out, io, states_only)
         io += 1
     status = 0
     nsteps = 0
@@ -230,7 +230,7 @@ def integrate(y0, p, t_out, ev_t, ev_kind, ev_idx, ev_val, sel, rtol, atol, max_
             tb = ev_t[ie]
         if tb > t:
             # ---------------- one segment [t, tb] without events -------------
-            rhs(t, y, p, u, f0)
+            rhs(t, y, pe, u, f0)
             info[3] += 1
             for i in range(n):
                 ytmp[i] = abs(y[i])
@@ -244,7 +244,7 @@ def integrate(y0, p, t_out, ev_t, ev_kind, ev_idx, ev_val, sel, rtol, atol, max_
             h0 = min(h0, span)
             for i in range(n):
                 ynew[i] = y[i] + h0 * f0[i]
-            rhs(t + h0, ynew, p, u, du)
+            rhs(t + h0, ynew, pe, u, du)
             info[3] += 1
             for i in range(n):
                 du[i] = du[i] - f0[i]
@@ -252,7 +252,7 @@ def integrate(y0, p, t_out, ev_t, ev_kind, ev_idx, ev_val, sel, rtol, atol, max_
             if d1 <= 1e-15 and d2 <= 1e-15:
                 h1 = max(1e-6, h0 * 1e-3)
             else:
-                h1 = (0.01 / max(d1, d2)) ** 0.25
+                h1 = (0.01 / max(d1, d2)) ** (-_ERR_EXP)
             h = min(100.0 * h0, h1, span, hmax)
             need_jac = True
             have_f0 = True
@@ -268,13 +268,13 @@ def integrate(y0, p, t_out, ev_t, ev_kind, ev_idx, ev_val, sel, rtol, atol, max_
                     h = tb - t
                     last = True
                 if not have_f0:
-                    rhs(t, y, p, u, f0)
+                    rhs(t, y, pe, u, f0)
                     info[3] += 1
                     have_f0 = True
                 if need_jac:
-                    jac(t, y, p, jv)
+                    jac(t, y, pe, jv)
                     if HAS_T:
-                        dfdt(t, y, p, dT)
+                        dfdt(t, y, pe, dT)
                     info[4] += 1
                     need_jac = False
                 c = 1.0 / (h * _GAMMA)
@@ -291,51 +291,19 @@ def integrate(y0, p, t_out, ev_t, ev_kind, ev_idx, ev_val, sel, rtol, atol, max_
                             break
                         continue
                 info[5] += 1
-                # six stages: K[s] = W^-1 (f(t + c_s h, y + sum_j A[s,j] K[j]) + h d_s f_t
-                #                          + sum_j C[s,j] K[j] / h),  W = I/(h gamma) - J
-                for st in range(6):
-                    if st == 0:
-                        for i in range(n):
-                            du[i] = f0[i]
-                    else:
-                        for i in range(n):
-                            acc = y[i]
-                            for jj in range(st):
-                                acc += _A[st, jj] * K[jj, i]
-                            ytmp[i] = acc
-                        rhs(t + _CS[st] * h, ytmp, p, u, du)
-                    for i in range(n):
-                        acc = du[i] + h * _DS[st] * dT[i]
-                        cc = 0.0
-                        for jj in range(st):
-                            cc += _C[st, jj] * K[jj, i]
-                        K[st, i] = acc + cc / h
-                    _linsolve(dense, lu, A, piv, K[st])
-                info[3] += 5
-                err = 0.0
-                for i in range(n):
-                    ynew[i] = ytmp[i] + K[5, i]
-                    sc = atol[i] + rtol * max(abs(y[i]), abs(ynew[i]))
-                    e = K[5, i] / sc
-                    err += e * e
-                err = math.sqrt(err / n)
+                err = _stages(t, h, y, pe, u, f0, dT, dense, lu, A, piv, K, ytmp, du, ynew,
+                              rtol, atol)
+                info[3] += _NS - 1
                 last_err = err
                 if err <= 1.0:
                     info[1] += 1
                     tnew = tb if last else t + h
                     # dense output for output times inside (t, tnew), strictly before tb
                     if io < T and t_out[io] <= tnew and t_out[io] < tb:
-                        for i in range(n):
-                            kd1[i] = (_H21 * K[0, i] + _H22 * K[1, i] + _H23 * K[2, i]
-                                      + _H24 * K[3, i] + _H25 * K[4, i])
-                            kd2[i] = (_H31 * K[0, i] + _H32 * K[1, i] + _H33 * K[2, i]
-                                      + _H34 * K[3, i] + _H35 * K[4, i])
+                        _dense_coefficients(K, KD)
                         while io < T and t_out[io] <= tnew and t_out[io] < tb:
-                            th = (t_out[io] - t) / h
-                            th1 = 1.0 - th
-                            for i in range(n):
-                                ytmp[i] = th1 * y[i] + th * (ynew[i] + th1 * (kd1[i] + th * kd2[i]))
-                            _store(t_out[io], ytmp, p, rec, sel, out, io)
+                            _interpolate((t_out[io] - t) / h, y, ynew, KD, ytmp)
+                            _store(t_out[io], ytmp, p, rec, sel, out, io, states_only)
                             io += 1
                     for i in range(n):
                         y[i] = ynew[i]
@@ -344,14 +312,14 @@ def integrate(y0, p, t_out, ev_t, ev_kind, ev_idx, ev_val, sel, rtol, atol, max_
                     have_f0 = False
                     if last:
                         break
-                    fac = 0.9 * err ** -0.25 if err > 0.0 else 6.0
+                    fac = 0.9 * err ** _ERR_EXP if err > 0.0 else 6.0
                     fac = min(1.0 if rejected else 6.0, max(0.2, fac))
                     h = min(h * fac, hmax)
                     rejected = False
                 else:
                     info[2] += 1
                     if math.isfinite(err):
-                        fac = max(0.2, 0.9 * err ** -0.25)
+                        fac = max(0.2, 0.9 * err ** _ERR_EXP)
                     else:
                         fac = 0.1
                     h *= fac
@@ -366,7 +334,7 @@ def integrate(y0, p, t_out, ev_t, ev_kind, ev_idx, ev_val, sel, rtol, atol, max_
                 iw = 0
                 for i in range(n):
                     sc = atol[i] + rtol * abs(y[i])
-                    e = abs(K[5, i]) / sc
+                    e = abs(K[_NS - 1, i]) / sc
                     if not math.isfinite(e) or not math.isfinite(ynew[i]):
                         iw = i
                         break
@@ -380,7 +348,7 @@ def integrate(y0, p, t_out, ev_t, ev_kind, ev_idx, ev_val, sel, rtol, atol, max_
             _apply_event(ev_kind[ie], ev_idx[ie], ev_val[ie], y, u)
             ie += 1
         while io < T and t_out[io] <= tb:
-            _store(tb, y, p, rec, sel, out, io)
+            _store(tb, y, p, rec, sel, out, io, states_only)
             io += 1
         t = tb
     info[0] = nsteps
