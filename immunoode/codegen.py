@@ -96,10 +96,15 @@ def hoist_parameter_terms(exprs, psyms, start: int):
 
 
 def _clean(e: sympy.Expr) -> sympy.Expr:
-    """Drop Dirac deltas (derivatives of Heaviside/Min/Max at measure-zero kinks)."""
+    """Tidy a derivative for evaluation.
+
+    * Dirac deltas (derivatives of Heaviside/Min/Max at measure-zero kinks) are dropped;
+    * Hill functions, kept whole while differentiating (their closed-form derivative is
+      finite at ``x = 0``), are expanded.
+    """
     if e.has(sympy.DiracDelta):
         e = e.replace(sympy.DiracDelta, lambda *a: sympy.Integer(0))
-    return e
+    return expand_hill(e)
 
 
 def derive(model) -> Derivation:
@@ -114,9 +119,10 @@ def derive(model) -> Derivation:
     def pos(e):
         return expand_hill(model.substitute_assignments(e)).xreplace(to_pos)
 
-    rhs = [expand_hill(e).xreplace(to_pos) for e in model.rhs_substituted()]
+    rhs_h = [e.xreplace(to_pos) for e in model.rhs_substituted()]  # Hill() kept for diff
+    rhs = [expand_hill(e) for e in rhs_h]
     rows, cols, jac = [], [], []
-    for i, f in enumerate(rhs):
+    for i, f in enumerate(rhs_h):
         fs = f.free_symbols
         for j, y in enumerate(ysyms):
             if y in fs:
@@ -126,7 +132,7 @@ def derive(model) -> Derivation:
                     cols.append(j)
                     jac.append(d)
     has_t = any(TIME in f.free_symbols for f in rhs)
-    dfdt = [_clean(sympy.diff(f, TIME)) for f in rhs] if has_t else []
+    dfdt = [_clean(sympy.diff(f, TIME)) for f in rhs_h] if has_t else []
     record_names = tuple(snames) + tuple(model.assignments) + tuple(model.observables)
     record = [pos(a.expr) for a in model.assignments.values()]
     record += [pos(o.expr) for o in model.observables.values()]
@@ -341,33 +347,35 @@ def numba_source(d: Derivation, plan: LUPlan | None) -> str:
 
 
 def _lu_source(plan: LUPlan, dec: str) -> list[str]:
+    """Straight-line factorisation on local scalars (easy for LLVM), stored at the end.
+
+    No branches: the smallest |pivot|/c is tracked and the caller falls back to
+    the dense pivoting LU when it is below 1e-10.
+    """
     s = plan.slots
     lines = [dec, "def lu_factor(jv, c, lu):"]
     fill = set(s.values()) - set(plan.jac_slot)
-    first = set()
     for k, slot in enumerate(plan.jac_slot):
-        if slot in first:
-            lines.append(f"    lu[{slot}] -= jv[{k}]")
-        else:
-            lines.append(f"    lu[{slot}] = -jv[{k}]")
-            first.add(slot)
+        lines.append(f"    a{slot} = -jv[{k}]")
     for slot in sorted(fill):
-        lines.append(f"    lu[{slot}] = 0.0")
+        lines.append(f"    a{slot} = 0.0")
     for slot in plan.diag_slot:
-        lines.append(f"    lu[{slot}] += c")
+        lines.append(f"    a{slot} += c")
+    lines.append("    cinv = 1.0 / c")
+    lines.append("    smallest = 1.0e300")
     for op in plan.ops:
         if op[0] == "piv":
-            k = op[1]
-            dk = s[(k, k)]
-            lines.append(f"    if not abs(lu[{dk}]) > 1e-10 * c:")
-            lines.append("        return False")
-            lines.append(f"    inv = 1.0 / lu[{dk}]")
-            lines.append(f"    lu[{dk}] = inv")  # the diagonal stores its reciprocal
+            dk = s[(op[1], op[1])]
+            lines.append(f"    smallest = min(smallest, abs(a{dk}) * cinv)")
+            lines.append(f"    a{dk} = 1.0 / a{dk}")  # the diagonal stores its reciprocal
+            piv = f"a{dk}"
         elif op[0] == "scale":
-            lines.append(f"    lu[{s[op[1]]}] *= inv")
+            lines.append(f"    a{s[op[1]]} *= {piv}")
         else:
-            lines.append(f"    lu[{s[op[1]]}] -= lu[{s[op[2]]}] * lu[{s[op[3]]}]")
-    lines.append("    return True")
+            lines.append(f"    a{s[op[1]]} -= a{s[op[2]]} * a{s[op[3]]}")
+    for slot in range(len(s)):
+        lines.append(f"    lu[{slot}] = a{slot}")
+    lines.append("    return smallest > 1e-10")
     lines.append("")
     # solve in place: permute b into x, forward (unit L), backward (U), unpermute.
     n = plan.n

@@ -99,6 +99,21 @@ class CompiledModel:
     path: Path
     timings: dict = field(default_factory=dict)
     method: str = "rodas5p"
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def memo(self, kind: str, key, make, size: int = 16):
+        """Small per-model cache of derived, immutable things (events, coordinates, hashes)."""
+        table = self._memo.setdefault(kind, {})
+        try:
+            return table[key]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable key: no caching
+            return make()
+        if len(table) >= size:
+            table.pop(next(iter(table)))
+        value = table[key] = make()
+        return value
 
     @property
     def state_names(self) -> tuple[str, ...]:

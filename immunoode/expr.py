@@ -97,7 +97,15 @@ class Hill(sympy.Function):
     def fdiff(self, argindex=1):
         if not 1 <= argindex <= 3:
             raise sympy.ArgumentIndexError(self, argindex)
-        return sympy.diff(self.formula(*self.args), self.args[argindex - 1])
+        # closed forms that stay finite at x = 0 (the derivative of the expanded
+        # formula is n*x**n/x*..., i.e. 0/0 there)
+        x, k, n = self.args
+        den = (k ** n + x ** n) ** 2
+        if argindex == 1:
+            return n * x ** (n - 1) * k ** n / den
+        if argindex == 2:
+            return -n * k ** (n - 1) * x ** n / den
+        return x ** n * k ** n * (sympy.log(x) - sympy.log(k)) / den
 
     def _eval_rewrite_as_Pow(self, x, k, n, **kwargs):
         return self.formula(x, k, n)

@@ -58,6 +58,10 @@ def _add_file(b: ModelBuilder, data: dict, file, *, stack: tuple, top: bool) -> 
     _unknown(data.keys(), _TOP, file=file, section=None)
     meta = _table(data, "model", file=file)
     _unknown(meta.keys(), _MODEL_KEYS, file=file, section="model")
+    if not top and "time_unit" in meta and str(meta["time_unit"]) != b.time_unit:
+        raise ModelError(f"time_unit {meta['time_unit']!r} differs from the including model's "
+                         f"{b.time_unit!r}; rates would be misread", file=file, section="model",
+                         item="time_unit")
     includes = meta.get("include", [])
     if isinstance(includes, str):
         includes = [includes]

@@ -19,11 +19,15 @@ import xarray as xr
 
 from .compile import CompiledModel
 from .errors import ModelError
+from .errors import RegimenError
 from .regimen import Regimen
-from .simulate import (COMPILED_METHODS, METHODS, STATUS_MESSAGES, _compiled, _atol_vector, prepare_events, provenance,
+from .simulate import (COMPILED_METHODS, METHODS, STATUS_MESSAGES, _compiled, kernel_selection,
+                       records_from_states, _atol_vector, prepare_events, provenance,
                        resolve_outputs, time_grid, to_dataset)
 
 __all__ = ["simulate_population", "population_table"]
+
+_NO_EVENTS = (np.full(1, np.inf), np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1))
 
 
 def population_table(cm: CompiledModel, population) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
@@ -131,16 +135,24 @@ def simulate_population(model, population, regimen: Regimen | None = None, *, t_
     P, init, _, ids = population_table(cm, population)
     N, T = P.shape[0], len(t_eval)
     sel = resolve_outputs(cm, outputs)
+    ksel, post = kernel_selection(cm, sel)
     atol_v = _atol_vector(cm, atol)
     Y0 = cm.initial_state(P.T).T.copy()
     for k, v in init.items():
         Y0[:, cm.state_names.index(k)] = v
 
     # events: shared unless doses depend on per-patient covariates
+    bad_events: dict[int, str] = {}
     pnames = cm.parameter_names
     t0, t1 = float(t_eval[0]), float(t_eval[-1])
     if _needs_per_patient_events(regimen):
-        evs = [prepare_events(cm, regimen, dict(zip(pnames, P[i])), t0, t1) for i in range(N)]
+        evs = []
+        for i in range(N):
+            try:
+                evs.append(prepare_events(cm, regimen, dict(zip(pnames, P[i])), t0, t1))
+            except RegimenError as exc:  # e.g. a missing or invalid body weight for mg/kg
+                bad_events[i] = str(exc)
+                evs.append(_NO_EVENTS)
         E = max(len(e[0]) for e in evs)
         EV_T = np.full((N, E), np.inf)
         EV_K = np.zeros((N, E), np.int64)
@@ -158,6 +170,8 @@ def simulate_population(model, population, regimen: Regimen | None = None, *, t_
     INFO[:, 6] = np.nan
     STATUS = np.full(N, -10, dtype=np.int64)
     bad = ~(np.all(np.isfinite(P), axis=1) & np.all(np.isfinite(Y0), axis=1))
+    for i in bad_events:
+        bad[i] = True
     STATUS[bad] = -12
     todo = np.flatnonzero(~bad)
     prog = _Progress(N, progress)
@@ -168,12 +182,15 @@ def simulate_population(model, population, regimen: Regimen | None = None, *, t_
             chunks = [todo[c:c + chunk_size] for c in range(0, len(todo), chunk_size)]
 
             def run_chunk(ix):
-                out = np.empty((len(ix), len(sel), T))
+                out = np.empty((len(ix), len(ksel), T))
                 info = np.empty((len(ix), 8))
                 st = np.empty(len(ix), dtype=np.int64)
                 cm.numba.integrate_many(Y0[ix], P[ix], t_eval, EV_T[ix], EV_K[ix], EV_I[ix],
-                                        EV_V[ix], sel, float(rtol), atol_v, int(max_steps),
+                                        EV_V[ix], ksel, float(rtol), atol_v, int(max_steps),
                                         float(hmax), out, info, st)
+                if post:
+                    with np.errstate(all="ignore"):  # failed patients carry NaN
+                        out = records_from_states(cm, t_eval, out, P[ix], sel)
                 OUT[ix], INFO[ix], STATUS[ix] = out, info, st
                 return len(ix)
 
@@ -213,7 +230,9 @@ def simulate_population(model, population, regimen: Regimen | None = None, *, t_
     for i in range(N):
         s = int(STATUS[i])
         msg = STATUS_MESSAGES.get(s, f"status {s}")
-        if s < 0 and s not in (-10, -12) and np.isfinite(INFO[i, 6]):
+        if i in bad_events:
+            msg = f"{msg}: {bad_events[i]}"
+        elif s < 0 and s not in (-10, -12) and np.isfinite(INFO[i, 6]):
             sf = int(INFO[i, 7])
             state = cm.state_names[sf] if 0 <= sf < len(cm.state_names) else "?"
             msg = f"failed at t={INFO[i, 6]:.6g}: {msg} (state {state!r})"

@@ -89,6 +89,7 @@ def integrate_scipy(cm, y0, p, t_eval, events, sel, method="LSODA", rtol=1e-6, a
             stats["n_rhs"] += int(sol.nfev)
             stats["n_jac"] += int(sol.njev)
             stats["n_lu"] += int(sol.nlu)
+            stats["n_steps"] += len(sol.t) - 1  # solver steps are not exposed; t_eval points
             if sol.status != 0 or sol.y.shape[1] != len(seg_t):
                 raise SimulationError(f"{method} failed between t={t:g} and t={tb:g}: {sol.message}")
             for j in range(len(inside)):

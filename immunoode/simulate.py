@@ -90,6 +90,31 @@ def prepare_events(cm: CompiledModel, regimen: Regimen | None, params: Mapping[s
             np.asarray(value, float))
 
 
+def kernel_selection(cm: CompiledModel, sel: np.ndarray) -> tuple[np.ndarray, bool]:
+    """What the compiled kernel stores: the requested states, or all states when
+    assignments/observables are requested (those are then computed afterwards,
+    vectorised over all output times, by :func:`records_from_states`)."""
+    n = len(cm.state_names)
+    if np.all(sel < n):
+        return sel, False
+    return np.arange(n, dtype=np.int64), True
+
+
+def records_from_states(cm: CompiledModel, t_eval, Y, P, sel) -> np.ndarray:
+    """Record variables ``sel`` from states ``Y`` (..., n_states, T) and parameters ``P`` (..., n_params)."""
+    Y = np.asarray(Y, dtype=float)
+    P = np.asarray(P, dtype=float)
+    if Y.ndim == 2:
+        return cm.record(np.asarray(t_eval, float), Y, P[:, None])[sel]
+    # (N, n, T) -> flatten patients and times into one broadcast axis
+    N, n, T = Y.shape
+    y2 = np.moveaxis(Y, 1, 0).reshape(n, N * T)
+    p2 = np.repeat(P.T, T, axis=1)
+    t2 = np.tile(np.asarray(t_eval, float), N)
+    rec = cm.record(t2, y2, p2)[sel]
+    return np.moveaxis(rec.reshape(len(sel), N, T), 0, 1)
+
+
 def _atol_vector(cm, atol) -> np.ndarray:
     n = len(cm.state_names)
     if isinstance(atol, Mapping):
@@ -184,15 +209,20 @@ def simulate(model, regimen: Regimen | None = None, *, t_eval=None, t_end: float
             from .model import _suggest
             raise ModelError(f"unknown state{_suggest(k, cm.state_names)}", section="states", item=k)
         y0[cm.state_names.index(k)] = float(v)
-    ev = prepare_events(cm, regimen, params, float(t_eval[0]), float(t_eval[-1]))
+    per_patient = regimen is not None and any("/" in (getattr(it, "unit", None) or "")
+                                              for it in regimen.items)
+    ev_key = (regimen, float(t_eval[0]), float(t_eval[-1]), p.tobytes() if per_patient else None)
+    ev = cm.memo("events", ev_key, lambda: prepare_events(cm, regimen, params, float(t_eval[0]),
+                                                          float(t_eval[-1])))
     sel = resolve_outputs(cm, outputs)
     atol_v = _atol_vector(cm, atol)
+    ksel, post = kernel_selection(cm, sel)
     if method in COMPILED_METHODS:
-        out = np.empty((1, len(sel), len(t_eval)))
+        out = np.empty((1, len(ksel), len(t_eval)))
         info = np.empty((1, 8))
         status = np.empty(1, dtype=np.int64)
         cm.numba.integrate_many(y0[None, :], p[None, :], t_eval, ev[0][None, :], ev[1][None, :],
-                                ev[2][None, :], ev[3][None, :], sel, float(rtol), atol_v,
+                                ev[2][None, :], ev[3][None, :], ksel, float(rtol), atol_v,
                                 int(max_steps), float(hmax), out, info, status)
         st = int(status[0])
         if st != 0:
@@ -201,15 +231,17 @@ def simulate(model, regimen: Regimen | None = None, *, t_eval=None, t_end: float
             raise SimulationError(f"integration failed at t={tf:.6g} {cm.model.time_unit}: "
                                   f"{STATUS_MESSAGES.get(st, st)}; state {state!r} "
                                   f"drove the failure")
-        data = out[0]
+        data = records_from_states(cm, t_eval, out[0], p, sel) if post else out[0]
         stats = {"n_steps": int(info[0, 0]), "n_accepted": int(info[0, 1]),
                  "n_rejected": int(info[0, 2]), "n_rhs": int(info[0, 3]),
                  "n_jac": int(info[0, 4]), "n_lu": int(info[0, 5])}
     else:
         from .scipy_path import integrate_scipy
         data, stats = integrate_scipy(cm, y0, p, t_eval, ev, sel, method, rtol, atol_v)
-    return to_dataset(cm, t_eval, data, sel, provenance(cm, params, regimen, method, rtol, atol_v),
-                      stats)
+    prov_key = (p.tobytes(), regimen, method, float(rtol), atol_v.tobytes())
+    attrs = cm.memo("provenance", prov_key,
+                    lambda: provenance(cm, params, regimen, method, rtol, atol_v))
+    return to_dataset(cm, t_eval, data, sel, attrs, stats)
 
 
 def to_dataset(cm: CompiledModel, t_eval, data, sel, attrs, stats=None) -> xr.Dataset:
@@ -223,8 +255,10 @@ def to_dataset(cm: CompiledModel, t_eval, data, sel, attrs, stats=None) -> xr.Da
                 "assignment" if name in cm.model.assignments else "observable")
         dvars[name] = xr.Variable(("time",), data[k], attrs={"units": unit, "description": desc,
                                                              "kind": kind})
-    ds = xr.Dataset(dvars, coords={"time": ("time", np.asarray(t_eval, float),
-                                            {"units": cm.model.time_unit})})
+    t_eval = np.asarray(t_eval, float)
+    coords = cm.memo("coords", t_eval.tobytes(), lambda: xr.Coordinates(
+        {"time": ("time", t_eval.copy(), {"units": cm.model.time_unit})}))
+    ds = xr.Dataset(dvars, coords=coords)
     ds.attrs.update(attrs)
     for k, v in (stats or {}).items():
         ds.attrs[k] = v

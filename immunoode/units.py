@@ -329,7 +329,8 @@ def check_unit(expr, expected: pint.Quantity, units: Mapping[str, pint.Quantity]
     actual = infer_unit(expr, units, where=where)
     if actual is None or same_unit(actual, expected):
         return
-    raise UnitError(f"{where}: {subject} has unit {format_unit(actual)} but {target} "
+    prefix = f"{where}: " if where else ""
+    raise UnitError(f"{prefix}{subject} has unit {format_unit(actual)} but {target} "
                     f"{format_unit(expected)}" + (
                         f" (same dimension, scale differs by a factor {_fmt_number(_ratio(actual, expected))})"
                         if _ratio(actual, expected) is not None else ""))

@@ -211,3 +211,17 @@ def test_rodas4_matches_tight_radau_on_nonlinear_model(tumor_pd):
     ref = im.simulate(tumor_pd, reg, t_eval=t, rtol=1e-11, atol=1e-14, method="Radau")
     for v in ("T", "E", "D", "A", "ro"):
         assert rel_err(fast[v].values, ref[v].values) < 2e-5, v
+
+
+def test_hill_jacobian_is_finite_at_zero_concentration():
+    # d/dx hill(x, K, n) = n x^(n-1) K^n / (K^n + x^n)^2 -> 1/K at x = 0 for n = 1
+    b = im.ModelBuilder("hill0")
+    b.add_parameter("K", 2.0, "mg").add_parameter("n", 1.0, "1").add_parameter("k", 0.5, "1/day")
+    b.add_state("A", 0.0, "mg").add_state("E", 0.0, "1")
+    b.add_ode("A", "-k*A").add_ode("E", "k*(hill(A, K, n) - E)")
+    cm = im.compile_model(b.build())
+    J = cm.jacobian(0.0, [0.0, 0.0], cm.parameter_vector(), backend="numba")
+    assert np.all(np.isfinite(J))
+    assert J[1, 0] == pytest.approx(0.5 * 1 / 2.0)
+    ds = im.simulate(cm, t_eval=np.linspace(0, 10, 11))  # no drug at all: must not fail
+    assert np.all(ds["E"].values == 0.0)

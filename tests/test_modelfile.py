@@ -209,3 +209,10 @@ def test_flux_model_rhs_is_mass_balanced():
     m = b.build()
     rhs = m.rhs()
     assert (rhs["A"] + rhs["B"]).simplify() == 0
+
+
+def test_included_time_unit_must_match(tmp_path):
+    write(tmp_path, '[model]\ntime_unit = "hour"\n[states.A]\nunit = "mg"\n[odes]\nA = "0"\n', "h.toml")
+    top = write(tmp_path, '[model]\ntime_unit = "day"\ninclude = ["h.toml"]\n', "top.toml")
+    with pytest.raises(ModelError, match="time_unit 'hour' differs"):
+        im.load_model(top)

@@ -67,3 +67,16 @@ def test_weight_based_dose_uses_each_patients_weight():
 def test_unknown_population_column(tumor_pd):
     with pytest.raises(im.ModelError, match="did you mean 'kkill'"):
         im.simulate_population(tumor_pd, {"kkil": np.ones(3)}, t_eval=T)
+
+
+def test_invalid_weight_marks_only_that_patient():
+    b = im.ModelBuilder("wt2")
+    b.add_parameter("WT", 70.0, "kg").add_parameter("k", 0.1, "1/day")
+    b.add_state("A", 0.0, "mg").add_ode("A", "-k*A")
+    cm = im.compile_model(b.build())
+    reg = Regimen((Dose("A", 3.0, unit="mg/kg"),))
+    ds = im.simulate_population(cm, {"WT": np.array([50.0, np.nan, -5.0])}, reg,
+                                t_eval=np.array([0.0, 1.0]))
+    st = ds["status"].values
+    assert st[0] == 0 and st[1] == -12
+    assert st[2] != 0 or ds["A"].values[2, 0] < 0  # a negative weight never passes silently
