@@ -301,7 +301,7 @@ class _Ext:
 def numba_source(d: Derivation, plan: LUPlan | None) -> str:
     """Scalar model functions for the numba solver (see ``solvers/rodas.py``)."""
     pr = _NumbaPrinter({"fully_qualified_modules": True, "standard": "python3"})
-    dec = "@njit(cache=True, fastmath=False, error_model='numpy')"
+    dec = "@njit(cache=True, fastmath={'contract', 'arcp', 'nsz'}, error_model='numpy')"
     out = []
     n = len(d.ysyms)
     # rhs

@@ -30,7 +30,7 @@ import numpy as np
 from . import codegen
 from ._version import __version__
 from .errors import ModelError
-from .solvers.tableaus import TABLEAUS, tableau_source
+from .solvers.tableaus import TABLEAUS, stages_source, tableau_source
 
 __all__ = ["CompiledModel", "compile_model", "cache_dir"]
 
@@ -248,8 +248,9 @@ def compile_model(model, *, method: str = "rodas5p", cache: bool = True, directo
                 plan = None
         header = _header(model, d, plan, key)
         template = _TEMPLATE.read_text(encoding="utf-8").split(_MARKER, 1)[1]
-        nb_src = (header + tableau_source(TABLEAUS[method]) + codegen.numba_source(d, plan) + "\n"
-                  + template)
+        tab = TABLEAUS[method]
+        nb_src = (header + tableau_source(tab) + codegen.numba_source(d, plan) + "\n"
+                  + stages_source(tab) + "\n" + template)
         np_src = header.replace("from numba import njit", "import numpy") + \
             codegen.numpy_source(d)
         timings["codegen"] = time.perf_counter() - ts

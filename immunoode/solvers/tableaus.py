@@ -108,7 +108,7 @@ def tableau_source(tab: Tableau) -> str:
         f"# Rosenbrock tableau: {tab.name} (order {tab.order}, embedded {tab.error_order})",
         f"_NS = {tab.stages}",
         f"_NH = {tab.H.shape[0]}",
-        f"_GAMMA = {tab.gamma!r}",
+        f"_GAMMA = {float(tab.gamma)!r}",
         f"_ERR_EXP = {-1.0 / (tab.error_order + 1)!r}",
         f"_A = {arr(tab.A)}",
         f"_C = {arr(tab.C)}",
@@ -117,3 +117,56 @@ def tableau_source(tab: Tableau) -> str:
         f"_H = {arr(tab.H)}",
         "",
     ])
+
+
+def _terms(coefs, fmt):
+    return "".join(f" + {float(c)!r} * {fmt.format(j=j)}" for j, c in enumerate(coefs) if c != 0.0)
+
+
+def stages_source(tab: Tableau) -> str:
+    """Source of ``_stages``: one step of the method, unrolled over the stages with the
+    coefficients as literals (vectorisable loops over the state index only).
+
+    Stage ``s``: ``K[s] = W^-1 (f(t + c_s h, y + Σ A[s,j] K[j]) + h d_s f_t + Σ C[s,j] K[j] / h)``
+    with ``W = I/(hγ) − J``.  Returns the scaled RMS error; the new solution is left in
+    ``ynew``.
+    """
+    S = tab.stages
+    L = ['@njit(cache=True, error_model="numpy")',
+         "def _stages(t, h, y, p, u, f0, dT, dense, lu, A, piv, K, ytmp, du, ynew, rtol, atol):",
+         "    n = y.shape[0]",
+         "    hinv = 1.0 / h"]
+    for st in range(S):
+        L.append(f"    # stage {st + 1}")
+        if st == 0:
+            L += ["    for i in range(n):", "        du[i] = f0[i]"]
+        else:
+            a = tab.A[st, :st]
+            prev = tab.A[st - 1, :st - 1] if st > 1 else np.zeros(0)
+            if st > 1 and a[st - 1] == 1.0 and np.array_equal(a[:st - 1], prev):
+                L += ["    for i in range(n):", f"        ytmp[i] += K[{st - 1}, i]"]
+            else:
+                L += ["    for i in range(n):",
+                      "        ytmp[i] = y[i]" + _terms(a, "K[{j}, i]")]
+            L.append(f"    rhs(t + {float(tab.c[st])!r} * h, ytmp, p, u, du)")
+        d = tab.d[st]
+        cterm = _terms(tab.C[st, :st], "K[{j}, i]")
+        expr = "du[i]"
+        if d != 0.0:
+            L.append(f"    hd = h * {float(d)!r}")
+            expr += " + hd * dT[i]"
+        if cterm:
+            expr += f" + hinv * (0.0{cterm})"
+        L += ["    for i in range(n):", f"        K[{st}, i] = {expr}"]
+        L += ["    if dense:", f"        _dense_solve(A, piv, K, {st})", "    else:",
+              f"        lu_solve(lu, K, {st})"]
+    last = S - 1
+    L += ["    err = 0.0",
+          "    for i in range(n):",
+          f"        ynew[i] = ytmp[i] + K[{last}, i]",
+          "        sc = atol[i] + rtol * max(abs(y[i]), abs(ynew[i]))",
+          f"        e = K[{last}, i] / sc",
+          "        err += e * e",
+          "    return math.sqrt(err / n)",
+          ""]
+    return "\n".join(L) + "\n"
