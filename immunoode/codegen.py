@@ -347,35 +347,54 @@ def numba_source(d: Derivation, plan: LUPlan | None) -> str:
 
 
 def _lu_source(plan: LUPlan, dec: str) -> list[str]:
-    """Straight-line factorisation on local scalars (easy for LLVM), stored at the end.
+    """Straight-line factorisation and solve in single-assignment form.
 
-    No branches: the smallest |pivot|/c is tracked and the caller falls back to
-    the dense pivoting LU when it is below 1e-10.
+    Every intermediate value gets its own local name (cheap for numba to type and
+    for LLVM to optimise); the factors are stored at the end.  No branches: the
+    smallest |pivot|/c is tracked and the caller falls back to the dense pivoting
+    LU when it is below 1e-10.  The diagonal slots store reciprocals.
     """
     s = plan.slots
+    cur: dict[int, str] = {}
+    counter = [0]
+
+    def fresh() -> str:
+        counter[0] += 1
+        return f"v{counter[0]}"
+
     lines = [dec, "def lu_factor(jv, c, lu):"]
-    fill = set(s.values()) - set(plan.jac_slot)
-    for k, slot in enumerate(plan.jac_slot):
-        lines.append(f"    a{slot} = -jv[{k}]")
-    for slot in sorted(fill):
-        lines.append(f"    a{slot} = 0.0")
-    for slot in plan.diag_slot:
-        lines.append(f"    a{slot} += c")
+    jac_of = {slot: k for k, slot in enumerate(plan.jac_slot)}
+    diag = set(plan.diag_slot)
+    for slot in range(len(s)):
+        v = fresh()
+        base = f"-jv[{jac_of[slot]}]" if slot in jac_of else "0.0"
+        lines.append(f"    {v} = {base} + c" if slot in diag else f"    {v} = {base}")
+        cur[slot] = v
     lines.append("    cinv = 1.0 / c")
-    lines.append("    smallest = 1.0e300")
+    mins = []
+    piv = None
     for op in plan.ops:
         if op[0] == "piv":
             dk = s[(op[1], op[1])]
-            lines.append(f"    smallest = min(smallest, abs(a{dk}) * cinv)")
-            lines.append(f"    a{dk} = 1.0 / a{dk}")  # the diagonal stores its reciprocal
-            piv = f"a{dk}"
+            mins.append(f"abs({cur[dk]})")
+            v = fresh()
+            lines.append(f"    {v} = 1.0 / {cur[dk]}")
+            cur[dk] = piv = v
         elif op[0] == "scale":
-            lines.append(f"    a{s[op[1]]} *= {piv}")
+            v = fresh()
+            lines.append(f"    {v} = {cur[s[op[1]]]} * {piv}")
+            cur[s[op[1]]] = v
         else:
-            lines.append(f"    a{s[op[1]]} -= a{s[op[2]]} * a{s[op[3]]}")
+            v = fresh()
+            ij, ik, kj = s[op[1]], s[op[2]], s[op[3]]
+            lines.append(f"    {v} = {cur[ij]} - {cur[ik]} * {cur[kj]}")
+            cur[ij] = v
     for slot in range(len(s)):
-        lines.append(f"    lu[{slot}] = a{slot}")
-    lines.append("    return smallest > 1e-10")
+        lines.append(f"    lu[{slot}] = {cur[slot]}")
+    smallest = mins[0]
+    for m in mins[1:]:
+        smallest = f"min({smallest}, {m})"
+    lines.append(f"    return {smallest} * cinv > 1e-10")
     lines.append("")
     # solve in place: permute b into x, forward (unit L), backward (U), unpermute.
     n = plan.n
@@ -383,14 +402,13 @@ def _lu_source(plan: LUPlan, dec: str) -> list[str]:
     for k, o in enumerate(plan.perm):
         lines.append(f"    x{k} = B[r, {o}]")
     for i in range(n):
-        terms = [f" - lu[{sl}] * x{k}" for sl, k in plan.lower[i]]
-        if terms:
-            lines.append(f"    x{i} = x{i}" + "".join(terms))
+        terms = [f" - lu[{sl}] * w{k}" for sl, k in plan.lower[i]]
+        lines.append(f"    w{i} = x{i}" + "".join(terms))
     for i in reversed(range(n)):
-        terms = [f" - lu[{sl}] * x{j}" for sl, j in plan.upper[i]]
-        lines.append(f"    x{i} = (x{i}" + "".join(terms) + f") * lu[{plan.diag_slot[i]}]")
+        terms = [f" - lu[{sl}] * z{j}" for sl, j in plan.upper[i]]
+        lines.append(f"    z{i} = (w{i}" + "".join(terms) + f") * lu[{plan.diag_slot[i]}]")
     for k, o in enumerate(plan.perm):
-        lines.append(f"    B[r, {o}] = x{k}")
+        lines.append(f"    B[r, {o}] = z{k}")
     lines.append("")
     return lines
 
