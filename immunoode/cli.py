@@ -16,8 +16,8 @@ from pathlib import Path
 from ._version import __version__
 from .errors import ImmunoodeError
 
-DEFAULT_MODEL = "two_compartment_pk"
-DEFAULT_REGIMEN = "pembrolizumab_200mg_q3w"
+DEFAULT_MODEL = "nsclc_io"
+DEFAULT_REGIMEN = "nsclc_pembrolizumab_200mg_q3w"
 
 
 def builtin_dir() -> Path:
@@ -107,21 +107,68 @@ def _cmd_simulate(args) -> int:
 
 
 def _cmd_run(args) -> int:
+    """The main job: the library's NSCLC model, untreated vs pembrolizumab 200 mg q3w."""
+    from .compile import compile_model
+    from .io import write_results
+    from .modelfile import load_model
+    from .regimen import load_regimen
+    from .simulate import simulate
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ds = _simulate(DEFAULT_MODEL, DEFAULT_REGIMEN, {}, args.t_end, 1.0, "rodas5p", 1e-8, 1e-10,
-                   str(out / "results.nc"))
-    from .io import write_results
-    write_results(ds, out / "results.csv")
-    c = ds["concentration"]
-    u = c.attrs["units"]
-    print(f"model {ds.attrs['model_name']} (hash {ds.attrs['model_hash'][:12]}), regimen "
-          f"{DEFAULT_REGIMEN}, days 0-{args.t_end:g}, {ds.attrs['n_steps']} solver steps")
-    for day in (0, 1, 7, 20, 20 + 21 * 5):
-        if day <= args.t_end:
-            print(f"  day {day:>4}: concentration {float(c.sel(time=day, method='nearest')):8.2f} {u}")
-    print(f"results: {out / 'results.nc'} and {out / 'results.csv'}")
+    model = load_model(resolve_model_path(DEFAULT_MODEL))
+    regimen = load_regimen(resolve_regimen_path(DEFAULT_REGIMEN))
+    print(f"compiling {model.name} ({len(model.states)} states, {len(model.parameters)} "
+          f"parameters; once, then cached) ...", file=sys.stderr, flush=True)
+    cm = compile_model(model)
+    print(f"compiled in {cm.compile_time:.1f} s{' (from cache)' if cm.cache_hit else ''}",
+          file=sys.stderr)
+    keep = ["tumor_diameter", "tumor_cells", "resistant_fraction", "occ_PD1", "C_pembro"]
+    keep = [k for k in keep if k in cm.record_names]
+    arms = {"untreated": simulate(cm, None, t_end=args.t_end, dt=1.0, outputs=keep),
+            "pembrolizumab": simulate(cm, regimen, t_end=args.t_end, dt=1.0, outputs=keep)}
+    for name, ds in arms.items():
+        write_results(ds, out / f"{name}.nc")
+        write_results(ds, out / f"{name}.csv")
+    d0 = float(arms["untreated"]["tumor_diameter"][0])
+    print(f"model {model.name} (hash {arms['pembrolizumab'].attrs['model_hash'][:12]}); "
+          f"regimen: {regimen.name}")
+    print(f"{'day':>5} {'untreated [cm]':>15} {'pembrolizumab [cm]':>19} {'change':>8} "
+          f"{'PD-1 occupancy':>15}")
+    for day in (0, 42, 84, 182, 365, 547, 730):
+        if day > args.t_end:
+            continue
+        du = float(arms["untreated"]["tumor_diameter"].sel(time=day, method="nearest"))
+        dt_ = float(arms["pembrolizumab"]["tumor_diameter"].sel(time=day, method="nearest"))
+        occ = (float(arms["pembrolizumab"]["occ_PD1"].sel(time=day, method="nearest"))
+               if "occ_PD1" in keep else float("nan"))
+        print(f"{day:>5} {du:>15.2f} {dt_:>19.2f} {100 * (dt_ / d0 - 1):>7.0f}% {occ:>15.2f}")
+    plot = _plot_run(arms, out / "tumor_diameter.png")
+    print(f"results: {out}/untreated.nc|csv, {out}/pembrolizumab.nc|csv"
+          + (f", plot {plot}" if plot else ""))
     return 0
+
+
+def _plot_run(arms, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    for name, ds in arms.items():
+        ax.plot(ds["time"] / 7, ds["tumor_diameter"] * 10, label=name)
+    base = float(next(iter(arms.values()))["tumor_diameter"][0]) * 10
+    ax.axhline(base * 0.7, ls=":", c="grey", lw=1, label="-30% from baseline (RECIST PR)")
+    ax.set_xlabel("weeks")
+    ax.set_ylabel("tumor diameter [mm]")
+    ax.set_title("Virtual NSCLC patient: untreated vs pembrolizumab 200 mg q3w", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,9 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"immunoode {__version__}")
     sub = ap.add_subparsers(dest="command")
 
-    r = sub.add_parser("run", help="simulate the built-in default model and regimen")
+    r = sub.add_parser("run", help="the main job: the built-in NSCLC model, untreated vs "
+                                   "pembrolizumab 200 mg q3w for two years")
     r.add_argument("--out", default="immunoode-results", help="output folder")
-    r.add_argument("--t-end", type=float, default=147.0, help="end time in days (default 147: seven 3-week cycles)")
+    r.add_argument("--t-end", type=float, default=730.0, help="end time in days (default 730)")
     r.set_defaults(func=_cmd_run)
 
     c = sub.add_parser("check", help="validate a model file and list its states and parameters")

@@ -30,7 +30,7 @@ import numpy as np
 from . import codegen
 from ._version import __version__
 from .errors import ModelError
-from .solvers.tableaus import TABLEAUS, stages_source, tableau_source
+from .solvers.tableaus import TABLEAUS, tableau_source
 
 __all__ = ["CompiledModel", "compile_model", "cache_dir"]
 
@@ -249,8 +249,7 @@ def compile_model(model, *, method: str = "rodas5p", cache: bool = True, directo
         header = _header(model, d, plan, key)
         template = _TEMPLATE.read_text(encoding="utf-8").split(_MARKER, 1)[1]
         tab = TABLEAUS[method]
-        nb_src = (header + tableau_source(tab) + codegen.numba_source(d, plan) + "\n"
-                  + stages_source(tab) + "\n" + template)
+        nb_src = header + tableau_source(tab) + codegen.numba_source(d, plan) + "\n" + template
         np_src = header.replace("from numba import njit", "import numpy") + \
             codegen.numpy_source(d)
         timings["codegen"] = time.perf_counter() - ts

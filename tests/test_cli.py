@@ -80,3 +80,15 @@ def test_user_errors_are_one_line(args, words, tmp_path):
     assert r.returncode == 1
     assert words in r.stderr and "Traceback" not in r.stderr
     assert len([ln for ln in r.stderr.splitlines() if ln.startswith("immunoode: error")]) == 1
+
+
+def test_main_job_runs_the_library_model(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path), "--t-end", "84"]) == 0
+    out = capsys.readouterr().out
+    assert "pembrolizumab" in out and "PD-1 occupancy" in out
+    for f in ("untreated.nc", "pembrolizumab.csv", "tumor_diameter.png"):
+        assert (tmp_path / f).exists()
+    import xarray as xr
+    with xr.open_dataset(tmp_path / "pembrolizumab.nc") as ds:
+        # treatment shrinks this default virtual patient's tumor within 12 weeks
+        assert float(ds["tumor_diameter"][-1]) < float(ds["tumor_diameter"][0])

@@ -5,7 +5,7 @@ text (from the marker below) to the generated, model-specific functions
 ``rhs``, ``jac``, ``dfdt``, ``record``, ``lu_factor`` and ``lu_solve`` and the
 constants ``N_STATES``, ``NNZ``, ``NLU``, ``JAC_ROWS``, ``JAC_COLS``,
 ``HAS_T``, ``HAS_SPARSE_LU`` and a tableau from :mod:`.tableaus` (``_NS``,
-``_H``, ``_GAMMA``, ``_ERR_EXP`` and the unrolled step ``_stages``), and writes
+``_A``, ``_C``, ``_CS``, ``_DS``, ``_H``, ``_GAMMA``, ``_ERR_EXP``), and writes
 the result to the on-disk cache, where numba caches the machine code next to it.
 
 Methods: Rodas5P (default; order 5, embedded order 4, dense output of order 4,
@@ -114,6 +114,44 @@ def _apply_event(kind, idx, val, y, u):
             u[idx] = 0.0
     else:
         y[idx] *= val
+
+
+@njit(cache=True, error_model="numpy")
+def _stages(t, h, y, p, u, f0, dT, dense, lu, A, piv, K, ytmp, du, ynew, rtol, atol):
+    """One Rosenbrock step: stages K[s] = W^-1 (f(t + c_s h, y + sum_j A[s,j] K[j])
+    + h d_s f_t + sum_j C[s,j] K[j] / h) with W = I/(h gamma) - J; returns the
+    scaled RMS error and leaves the new solution in ``ynew``."""
+    n = y.shape[0]
+    hinv = 1.0 / h
+    for st in range(_NS):
+        if st == 0:
+            for i in range(n):
+                du[i] = f0[i]
+        else:
+            for i in range(n):
+                acc = y[i]
+                for jj in range(st):
+                    acc += _A[st, jj] * K[jj, i]
+                ytmp[i] = acc
+            rhs(t + _CS[st] * h, ytmp, p, u, du)
+        hd = h * _DS[st]
+        for i in range(n):
+            cc = 0.0
+            for jj in range(st):
+                cc += _C[st, jj] * K[jj, i]
+            K[st, i] = du[i] + hd * dT[i] + cc * hinv
+        if dense:
+            _dense_solve(A, piv, K, st)
+        else:
+            lu_solve(lu, K, st)
+    err = 0.0
+    last = _NS - 1
+    for i in range(n):
+        ynew[i] = ytmp[i] + K[last, i]
+        sc = atol[i] + rtol * max(abs(y[i]), abs(ynew[i]))
+        e = K[last, i] / sc
+        err += e * e
+    return math.sqrt(err / n)
 
 
 @njit(cache=True, error_model="numpy")
