@@ -11,11 +11,12 @@ from .model import Model, ModelBuilder
 from .modelfile import load_model, loads_model
 from .regimen import Dose, Regimen, Scale, load_regimen
 from .population import simulate_population
+from .sbml import read_sbml, read_sbml_with_regimen, to_sbml
 from .simulate import simulate, time_grid
 
 __all__ = [
     "__version__", "CompiledModel", "compile_model", "ExpressionError", "ImmunoodeError",
     "ModelError", "RegimenError", "SimulationError", "UnitError", "Model", "ModelBuilder",
     "load_model", "loads_model", "simulate_population", "Dose", "Regimen", "Scale", "load_regimen", "simulate",
-    "time_grid",
+    "time_grid", "read_sbml", "read_sbml_with_regimen", "to_sbml",
 ]

@@ -66,8 +66,8 @@ def _parse_set(items) -> dict[str, float]:
 
 
 def _cmd_check(args) -> int:
-    from .modelfile import load_model
-    model = load_model(resolve_model_path(args.model))
+    from .sbml import load_any_model
+    model = load_any_model(resolve_model_path(args.model))
     print(model.summary())
     print("ok: units and equations are consistent")
     return 0
@@ -76,11 +76,11 @@ def _cmd_check(args) -> int:
 def _simulate(model_name, regimen_name, sets, t_end, dt, method, rtol, atol, out):
     from .compile import compile_model
     from .io import write_results
-    from .modelfile import load_model
     from .regimen import load_regimen
+    from .sbml import load_any_model
     from .simulate import simulate
 
-    model = load_model(resolve_model_path(model_name))
+    model = load_any_model(resolve_model_path(model_name))
     for k in sets:
         if k not in model.parameters:
             from .model import _suggest
@@ -184,11 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_run)
 
     c = sub.add_parser("check", help="validate a model file and list its states and parameters")
-    c.add_argument("model", help="model file (TOML) or built-in model name")
+    c.add_argument("model", help="model file (TOML or SBML .xml) or built-in model name")
     c.set_defaults(func=_cmd_check)
 
     s = sub.add_parser("simulate", help="simulate a model (optionally under a regimen)")
-    s.add_argument("model", help="model file (TOML) or built-in model name")
+    s.add_argument("model", help="model file (TOML or SBML .xml) or built-in model name")
     s.add_argument("--regimen", help="regimen file (TOML) or built-in regimen name")
     s.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a parameter")
     s.add_argument("--t-end", type=float, default=365.0, help="end time in model time units")
@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--atol", type=float, default=1e-9)
     s.add_argument("--out", help="results file: .nc (netCDF) or .csv; default CSV on stdout")
     s.set_defaults(func=_cmd_simulate)
+
+    from .sbml import add_sbml_commands
+    add_sbml_commands(sub)
     return ap
 
 

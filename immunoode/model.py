@@ -248,6 +248,11 @@ class Model:
         return Model(self.name, self.time_unit, self.states, params, self.assignments, self.odes,
                      self.fluxes, self.observables, self.description, self.sources, self._order)
 
+    def to_sbml(self, path=None, regimen=None, **kw) -> str:
+        """Write the model (and optionally a regimen as events) as SBML L3V2; see :mod:`immunoode.sbml`."""
+        from .sbml import to_sbml
+        return to_sbml(self, path, regimen, **kw)
+
     def summary(self) -> str:
         """Human-readable listing of states, parameters and units."""
         lines = [f"model {self.name} (time unit: {self.time_unit}; hash {self.content_hash()[:12]})",

@@ -65,7 +65,7 @@ def classify_sitc(rec: xr.Dataset, *, stop_time=None, pd: str = "recist", rule: 
     scalar or (patient,); None/NaN/inf = still on treatment at the end of follow-up.
     Returns a Dataset with ``sitc`` (labels :data:`SITC_CLASSES`), ``exposure``,
     ``benefit`` (start → PD, or PD-free follow-up), ``pd_off_treatment`` (days from
-    last dose to PD, ≤ 0 on treatment).
+    last dose to PD, ≤ 0 on treatment; NaN without PD or without a stop time).
     """
     if pd not in ("recist", "irecist"):
         raise ValueError(f"pd must be 'recist' or 'irecist', got {pd!r}")
@@ -110,7 +110,7 @@ def classify_sitc(rec: xr.Dataset, *, stop_time=None, pd: str = "recist", rule: 
         "sitc": ("patient", np.asarray(SITC_CLASSES)[cls]),
         "exposure": ("patient", exposure),
         "benefit": ("patient", benefit),
-        "pd_off_treatment": ("patient", gap),
+        "pd_off_treatment": ("patient", np.where(np.isfinite(stop), gap, np.nan)),
     }, coords={"patient": rec["patient"].values})
     out.attrs.update(sitc_pd=pd, sitc_rule=rule, min_exposure_days=float(min_exposure_days),
                      benefit_days=float(benefit_days), off_treatment_days=float(off_treatment_days))

@@ -285,8 +285,6 @@ class _Units:
             exp = u.getExponentAsDouble()
             if not (math.isfinite(factor) and factor > 0 and math.isfinite(exp)):
                 return None
-            if base is None and kind == "item":
-                base = None
             core = base if base else ("1" if factor == 1 else None)
             if base is None:
                 if factor == 1:
@@ -463,8 +461,6 @@ def _read(path, *, events: bool, check_units):
     conv = _MathConverter(ls, {f.getId(): f for f in m.getListOfFunctionDefinitions()}, file)
     units = _Units(ls, m, level)
     time_unit = units.model_default("time")
-    if time_unit is None and level >= 3 and m.isSetTimeUnits():
-        time_unit = None
 
     rate_rules, assign_rules = {}, {}
     for i in range(m.getNumRules()):
@@ -581,8 +577,6 @@ def _read(path, *, events: bool, check_units):
                     raise err(f"species {sp!r} is constant but not a boundary species, yet a "
                               f"reaction changes it", rid)
                 contributions.setdefault(sp, []).append((sign * st, rid))
-        for mr in r.getListOfModifiers():
-            pass
 
     # ---------------------------------------------------------- classify variables
     for cid, dims in comp_dims.items():
