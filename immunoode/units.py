@@ -294,7 +294,9 @@ def infer_unit(expr: sympy.Expr, units: Mapping[str, pint.Quantity], *,
         Inconsistent units (see the module docstring for the rules).
     """
     try:
-        return _Inferer(units, where).infer(sympy.sympify(expr) if isinstance(expr, (int, float)) else expr)
+        if isinstance(expr, (int, float)):  # a bare number, never text
+            expr = sympy.Integer(expr) if isinstance(expr, int) else sympy.Float(expr)
+        return _Inferer(units, where).infer(expr)
     except UnitError:
         raise
     except RecursionError:
