@@ -200,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_simulate)
 
     from .sbml import add_sbml_commands
+    from .trial import add_trial_command
     add_sbml_commands(sub)
+    add_trial_command(sub)
     return ap
 
 
