@@ -64,9 +64,23 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _byte_compile(path: Path) -> None:
+    """Write the .pyc next to a generated module (read later even where
+    PYTHONDONTWRITEBYTECODE forbids Python to write it itself): saves re-parsing
+    thousands of generated lines in every new process."""
+    import py_compile
+    try:
+        py_compile.compile(str(path), cfile=importlib.util.cache_from_source(str(path)),
+                           doraise=True)
+    except (OSError, py_compile.PyCompileError):  # an optimisation only
+        pass
+
+
 def _import(path: Path, name: str):
     if name in _LOADED:
         return _LOADED[name]
+    if not Path(importlib.util.cache_from_source(str(path))).exists():
+        _byte_compile(path)
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
