@@ -225,3 +225,29 @@ def test_hill_jacobian_is_finite_at_zero_concentration():
     assert J[1, 0] == pytest.approx(0.5 * 1 / 2.0)
     ds = im.simulate(cm, t_eval=np.linspace(0, 10, 11))  # no drug at all: must not fail
     assert np.all(ds["E"].values == 0.0)
+
+
+def test_fast_binding_next_to_slow_growth_does_not_stall():
+    # receptor binding equilibrates in seconds (kon*C ~ 1e5/day) while the tumor grows over months
+    b = im.ModelBuilder("binding_stiff")
+    for k, v, u in (("CL", 0.2, "L/day"), ("V", 3.5, "L"), ("kon", 5e3, "L/(mg*day)"),
+                    ("koff", 50.0, "1/day"), ("ksyn", 10.0, "nM/day"), ("kdeg", 10.0, "1/day"),
+                    ("r", 0.01, "1/day"), ("kkill", 0.05, "1/day")):
+        b.add_parameter(k, v, u)
+    b.add_state("A", 0.0, "mg").add_state("R", 1.0, "nM").add_state("RC", 0.0, "nM")
+    b.add_state("T", 1.0, "1e9 cell")
+    b.add_assignment("C", "A/V", "mg/L")
+    b.add_assignment("RO", "RC/(R + RC)", "1")
+    b.add_ode("A", "-CL*C")
+    b.add_ode("R", "ksyn - kdeg*R - kon*C*R + koff*RC")
+    b.add_ode("RC", "kon*C*R - koff*RC - kdeg*RC")
+    b.add_ode("T", "r*T - kkill*RO*T")
+    cm = im.compile_model(b.build())
+    reg = Regimen((Dose("A", 200.0, every=21, count=18),))
+    t = np.linspace(0, 365, 366)
+    fast = im.simulate(cm, reg, t_eval=t, rtol=1e-6, atol=1e-9)
+    assert fast.attrs["n_steps"] < 5000
+    ref = im.simulate(cm, reg, t_eval=t, rtol=1e-10, atol=1e-13, method="Radau")
+    for v in ("T", "RO", "A"):
+        assert rel_err(fast[v].values, ref[v].values) < 1e-5, v
+    assert float(fast["RO"].sel(time=20)) > 0.99  # occupancy saturates between doses

@@ -80,3 +80,10 @@ def test_invalid_weight_marks_only_that_patient():
     st = ds["status"].values
     assert st[0] == 0 and st[1] == -12
     assert st[2] != 0 or ds["A"].values[2, 0] < 0  # a negative weight never passes silently
+
+
+def test_progress_reports_rate_and_eta(tumor_pd, pop, capsys):
+    im.simulate_population(tumor_pd, pop, REG, t_eval=T, outputs=["T"], progress=True,
+                           chunk_size=10)
+    err = capsys.readouterr().err
+    assert f"{len(pop)}/{len(pop)} patients" in err and "/s" in err and "ETA" in err
