@@ -245,21 +245,30 @@ def simulate(model, regimen: Regimen | None = None, *, t_eval=None, t_end: float
 
 
 def to_dataset(cm: CompiledModel, t_eval, data, sel, attrs, stats=None) -> xr.Dataset:
-    """Wrap a (n_outputs, n_times) array in a Dataset with units and descriptions."""
-    meta = _record_meta(cm)
-    names = [cm.record_names[i] for i in sel]
-    dvars = {}
-    for k, name in enumerate(names):
-        unit, desc = meta.get(name, ("", ""))
-        kind = ("state" if name in cm.model.states else
-                "assignment" if name in cm.model.assignments else "observable")
-        dvars[name] = xr.Variable(("time",), data[k], attrs={"units": unit, "description": desc,
-                                                             "kind": kind})
+    """Wrap a (n_outputs, n_times) array in a Dataset with units and descriptions.
+
+    The first call for a given output selection and time grid builds the Dataset;
+    later calls copy that template with new data, which is about twice as fast.
+    """
     t_eval = np.asarray(t_eval, float)
-    coords = cm.memo("coords", t_eval.tobytes(), lambda: xr.Coordinates(
-        {"time": ("time", t_eval.copy(), {"units": cm.model.time_unit})}))
-    ds = xr.Dataset(dvars, coords=coords)
-    ds.attrs.update(attrs)
+    names = [cm.record_names[i] for i in sel]
+    key = (tuple(int(i) for i in sel), t_eval.tobytes())
+    template = cm.memo("dataset", key, lambda: _dataset_template(cm, t_eval, names), size=8)
+    ds = template.copy(deep=False, data={name: data[k] for k, name in enumerate(names)})
+    ds.attrs = dict(attrs)
     for k, v in (stats or {}).items():
         ds.attrs[k] = v
     return ds
+
+
+def _dataset_template(cm: CompiledModel, t_eval, names) -> xr.Dataset:
+    meta = _record_meta(cm)
+    dvars = {}
+    for name in names:
+        unit, desc = meta.get(name, ("", ""))
+        kind = ("state" if name in cm.model.states else
+                "assignment" if name in cm.model.assignments else "observable")
+        dvars[name] = xr.Variable(("time",), np.zeros(len(t_eval)),
+                                  attrs={"units": unit, "description": desc, "kind": kind})
+    coords = xr.Coordinates({"time": ("time", t_eval.copy(), {"units": cm.model.time_unit})})
+    return xr.Dataset(dvars, coords=coords)
