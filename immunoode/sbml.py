@@ -49,6 +49,20 @@ def _sym(name: str) -> sympy.Symbol:
     return TIME if name == "t" else sympy.Symbol(name, real=True)
 
 
+def _one_to_one_functions(ls) -> dict:
+    """sympy function -> libsbml AST type for the MathML functions that map one to one
+    (used in both directions: import inverts it, export uses it as is)."""
+    return {sympy.exp: ls.AST_FUNCTION_EXP, sympy.log: ls.AST_FUNCTION_LN,
+            sympy.Abs: ls.AST_FUNCTION_ABS, sympy.floor: ls.AST_FUNCTION_FLOOR,
+            sympy.ceiling: ls.AST_FUNCTION_CEILING, sympy.sin: ls.AST_FUNCTION_SIN,
+            sympy.cos: ls.AST_FUNCTION_COS, sympy.tan: ls.AST_FUNCTION_TAN,
+            sympy.sinh: ls.AST_FUNCTION_SINH, sympy.cosh: ls.AST_FUNCTION_COSH,
+            sympy.tanh: ls.AST_FUNCTION_TANH, sympy.asin: ls.AST_FUNCTION_ARCSIN,
+            sympy.acos: ls.AST_FUNCTION_ARCCOS, sympy.atan: ls.AST_FUNCTION_ARCTAN,
+            sympy.asinh: ls.AST_FUNCTION_ARCSINH, sympy.acosh: ls.AST_FUNCTION_ARCCOSH,
+            sympy.atanh: ls.AST_FUNCTION_ARCTANH}
+
+
 # =========================================================================== import: math
 class _MathConverter:
     """libsbml ASTNode -> sympy, node by node (no text evaluation)."""
@@ -58,16 +72,8 @@ class _MathConverter:
         self.functions = functions  # id -> FunctionDefinition
         self.file = file
         t = ls
-        simple = {
-            t.AST_FUNCTION_EXP: sympy.exp, t.AST_FUNCTION_LN: sympy.log,
-            t.AST_FUNCTION_ABS: sympy.Abs, t.AST_FUNCTION_FLOOR: sympy.floor,
-            t.AST_FUNCTION_CEILING: sympy.ceiling,
-            t.AST_FUNCTION_SIN: sympy.sin, t.AST_FUNCTION_COS: sympy.cos,
-            t.AST_FUNCTION_TAN: sympy.tan, t.AST_FUNCTION_SINH: sympy.sinh,
-            t.AST_FUNCTION_COSH: sympy.cosh, t.AST_FUNCTION_TANH: sympy.tanh,
-            t.AST_FUNCTION_ARCSIN: sympy.asin, t.AST_FUNCTION_ARCCOS: sympy.acos,
-            t.AST_FUNCTION_ARCTAN: sympy.atan, t.AST_FUNCTION_ARCSINH: sympy.asinh,
-            t.AST_FUNCTION_ARCCOSH: sympy.acosh, t.AST_FUNCTION_ARCTANH: sympy.atanh,
+        simple = {code: fn for fn, code in _one_to_one_functions(ls).items()}
+        simple.update({
             t.AST_FUNCTION_SEC: lambda x: 1 / sympy.cos(x),
             t.AST_FUNCTION_CSC: lambda x: 1 / sympy.sin(x),
             t.AST_FUNCTION_COT: lambda x: 1 / sympy.tan(x),
@@ -81,7 +87,7 @@ class _MathConverter:
             t.AST_FUNCTION_ARCCSCH: lambda x: sympy.asinh(1 / x),
             t.AST_FUNCTION_ARCCOTH: lambda x: sympy.atanh(1 / x),
             t.AST_FUNCTION_FACTORIAL: lambda x: sympy.gamma(x + 1),
-        }
+        })
         self.simple = simple
         self.rel = {t.AST_RELATIONAL_EQ: sympy.Eq, t.AST_RELATIONAL_NEQ: sympy.Ne,
                     t.AST_RELATIONAL_LT: sympy.Lt, t.AST_RELATIONAL_LEQ: sympy.Le,
@@ -887,15 +893,7 @@ class _ToAST:
             if e.base is sympy.E:
                 return self.node(ls.AST_FUNCTION_EXP, self.conv(e.exp))
             return self.node(ls.AST_POWER, self.conv(e.base), self.conv(e.exp))
-        funcs = {sympy.exp: ls.AST_FUNCTION_EXP, sympy.log: ls.AST_FUNCTION_LN,
-                 sympy.Abs: ls.AST_FUNCTION_ABS, sympy.floor: ls.AST_FUNCTION_FLOOR,
-                 sympy.ceiling: ls.AST_FUNCTION_CEILING, sympy.sin: ls.AST_FUNCTION_SIN,
-                 sympy.cos: ls.AST_FUNCTION_COS, sympy.tan: ls.AST_FUNCTION_TAN,
-                 sympy.sinh: ls.AST_FUNCTION_SINH, sympy.cosh: ls.AST_FUNCTION_COSH,
-                 sympy.tanh: ls.AST_FUNCTION_TANH, sympy.asin: ls.AST_FUNCTION_ARCSIN,
-                 sympy.acos: ls.AST_FUNCTION_ARCCOS, sympy.atan: ls.AST_FUNCTION_ARCTAN,
-                 sympy.asinh: ls.AST_FUNCTION_ARCSINH, sympy.acosh: ls.AST_FUNCTION_ARCCOSH,
-                 sympy.atanh: ls.AST_FUNCTION_ARCTANH}
+        funcs = _one_to_one_functions(ls)
         if e.func in funcs:
             if e.func is sympy.log and len(e.args) == 2:
                 return self.node(ls.AST_FUNCTION_LOG, self.conv(e.args[1]), self.conv(e.args[0]))

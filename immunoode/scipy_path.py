@@ -15,21 +15,11 @@ from .errors import SimulationError
 __all__ = ["integrate_scipy"]
 
 
-def _apply(kind, idx, val, y, u):
-    if kind == 0:
-        y[idx] += val
-    elif kind == 1:
-        u[idx] += val
-        if abs(u[idx]) < 1e-12 * abs(val):
-            u[idx] = 0.0
-    else:
-        y[idx] *= val
-
-
 def integrate_scipy(cm, y0, p, t_eval, events, sel, method="LSODA", rtol=1e-6, atol=1e-9,
                     backend="numba"):
     """Integrate one parameter set; return ``(record[sel] over t_eval, stats)``."""
     ev_t, ev_k, ev_i, ev_v = events
+    _apply = cm.numba._apply_event  # the compiled path's own event rule, callable from Python
     n = len(y0)
     u = np.zeros(n)
     rows, cols = cm.jac_pattern
