@@ -199,10 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="results file: .nc (netCDF) or .csv; default CSV on stdout")
     s.set_defaults(func=_cmd_simulate)
 
+    from .calibrate.cli import add_fit_command
     from .sbml import add_sbml_commands
+    from .sweep.cli import add_sweep_commands
     from .trial import add_trial_command
     add_sbml_commands(sub)
     add_trial_command(sub)
+    add_fit_command(sub)
+    add_sweep_commands(sub)
     return ap
 
 
