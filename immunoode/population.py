@@ -241,17 +241,24 @@ def simulate_population(model, population, regimen: Regimen | None = None, *, t_
     params = dict(zip(pnames, cm.parameter_vector().tolist()))
     attrs = provenance(cm, params, regimen, method, rtol, atol_v)
     attrs["parameters_note"] = "nominal values; per-patient values are the parameter variables"
-    ds = to_dataset(cm, t_eval, np.zeros((len(sel), T)), sel, attrs)
+    tmpl = to_dataset(cm, t_eval, np.zeros((len(sel), T)), sel, attrs)
+    # build every variable first and the Dataset once (one merge, not one per variable)
+    data = {}
     for name, k in zip([cm.record_names[i] for i in sel], range(len(sel))):
-        ds[name] = xr.Variable(("patient", "time"), OUT[:, k, :], attrs=ds[name].attrs)
-    ds = ds.assign_coords(patient=("patient", ids))
+        data[name] = xr.Variable(("patient", "time"), OUT[:, k, :], attrs=tmpl[name].attrs)
+    for name, v in tmpl.data_vars.items():
+        if name not in data and "time" not in v.dims:
+            data[name] = v.variable
     for j, pn in enumerate(pnames):
         if not np.all(P[:, j] == P[0, j]):
-            ds[pn] = xr.Variable(("patient",), P[:, j], attrs={"kind": "parameter"})
-    ds["status"] = xr.Variable(("patient",), STATUS, attrs={"description": "0 = success"})
-    ds["message"] = xr.Variable(("patient",), np.array(messages, dtype=object))
-    ds["n_steps"] = xr.Variable(("patient",), INFO[:, 0].astype(np.int64))
-    ds["t_fail"] = xr.Variable(("patient",), INFO[:, 6])
+            data[pn] = xr.Variable(("patient",), P[:, j], attrs={"kind": "parameter"})
+    data["status"] = xr.Variable(("patient",), STATUS, attrs={"description": "0 = success"})
+    data["message"] = xr.Variable(("patient",), np.array(messages, dtype=object))
+    data["n_steps"] = xr.Variable(("patient",), INFO[:, 0].astype(np.int64))
+    data["t_fail"] = xr.Variable(("patient",), INFO[:, 6])
+    coords = {k: v.variable for k, v in tmpl.coords.items()}
+    coords["patient"] = xr.Variable(("patient",), ids)
+    ds = xr.Dataset(data, coords=coords, attrs=tmpl.attrs)
     ds.attrs["n_patients"] = N
     ds.attrs["n_failed"] = int(np.sum(STATUS != 0))
     ds.attrs["interrupted"] = int(interrupted)

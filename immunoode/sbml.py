@@ -64,6 +64,38 @@ def _one_to_one_functions(ls) -> dict:
 
 
 # =========================================================================== import: math
+class RateOf(sympy.Function):
+    """Placeholder for SBML's ``rateOf(x)`` csymbol; replaced by dx/dt after import."""
+
+    nargs = 1
+
+
+def _flat(name: str, exact):
+    """A sympy function printed as ``name`` (``math.floor`` ...) whose derivative is 0.
+
+    floor, ceiling and factorial (of integers) are piecewise constant: their
+    derivative is 0 wherever it exists, which is what the Jacobian needs (sympy's
+    own classes leave an unprintable ``Derivative``/``polygamma`` behind).
+    """
+    def _eval(cls, x):
+        if x.is_Number:
+            return exact(x)
+        return None
+    return type(name, (sympy.Function,), {"nargs": 1, "eval": classmethod(_eval),
+                                          "fdiff": lambda self, argindex=1: sympy.Integer(0)})
+
+
+_Floor = _flat("floor", sympy.floor)
+_Ceiling = _flat("ceiling", sympy.ceiling)
+_FactorialGamma = _flat("gamma", sympy.gamma)  # factorial(x) = gamma(x + 1)
+
+
+def _quotient(a, b):
+    """MathML ``quotient``: the integer part of a/b, truncated towards zero."""
+    q = a / b
+    return sympy.Piecewise((_Floor(q), q >= 0), (_Ceiling(q), True))
+
+
 class _MathConverter:
     """libsbml ASTNode -> sympy, node by node (no text evaluation)."""
 
@@ -86,7 +118,9 @@ class _MathConverter:
             t.AST_FUNCTION_ARCSECH: lambda x: sympy.acosh(1 / x),
             t.AST_FUNCTION_ARCCSCH: lambda x: sympy.asinh(1 / x),
             t.AST_FUNCTION_ARCCOTH: lambda x: sympy.atanh(1 / x),
-            t.AST_FUNCTION_FACTORIAL: lambda x: sympy.gamma(x + 1),
+            t.AST_FUNCTION_FACTORIAL: lambda x: _FactorialGamma(x + 1),
+            t.AST_FUNCTION_FLOOR: _Floor,
+            t.AST_FUNCTION_CEILING: _Ceiling,
         })
         self.simple = simple
         self.rel = {t.AST_RELATIONAL_EQ: sympy.Eq, t.AST_RELATIONAL_NEQ: sympy.Ne,
@@ -152,10 +186,10 @@ class _MathConverter:
             return TIME
         if ty == ls.AST_NAME_AVOGADRO:
             return sympy.Float(AVOGADRO)
-        if ty == ls.AST_CONSTANT_PI:
-            return sympy.pi
+        if ty == ls.AST_CONSTANT_PI:  # as the double every simulator uses (pi == 3.14159...)
+            return sympy.Float(math.pi)
         if ty == ls.AST_CONSTANT_E:
-            return sympy.E
+            return sympy.Float(math.e)
         if ty == ls.AST_CONSTANT_TRUE:
             return sympy.true
         if ty == ls.AST_CONSTANT_FALSE:
@@ -164,7 +198,19 @@ class _MathConverter:
             raise self.error("uses the 'delay' csymbol: delay differential equations are not "
                              "supported", element)
         if ty == ls.AST_FUNCTION_RATE_OF:
-            raise self.error("uses the 'rateOf' csymbol, which is not supported", element)
+            arg = self._conv(kids[0], element, env, depth + 1) if len(kids) == 1 else None
+            if not isinstance(arg, sympy.Symbol) or arg is TIME:
+                raise self.error("uses 'rateOf' on something other than a model variable "
+                                 "(only rateOf(<id>) is supported)", element)
+            return RateOf(arg)
+        if ty in (ls.AST_FUNCTION_QUOTIENT, ls.AST_FUNCTION_REM) and len(kids) != 2:
+            raise self.error(f"{node.getName() or 'quotient/rem'!r} takes two arguments, got "
+                             f"{len(kids)}", element)
+        if ty == ls.AST_FUNCTION_QUOTIENT:
+            return _quotient(c(kids[0]), c(kids[1]))
+        if ty == ls.AST_FUNCTION_REM:
+            a, d = c(kids[0]), c(kids[1])
+            return a - d * _quotient(a, d)
         if ty == ls.AST_PLUS:
             return sympy.Add(*[c(k) for k in kids]) if kids else sympy.Integer(0)
         if ty == ls.AST_TIMES:
@@ -229,8 +275,8 @@ class _MathConverter:
             raise self.error("a lambda may only appear in a function definition", element)
         name = node.getName() or ls.ASTNode.getName(node) or f"AST type {ty}"
         raise self.error(f"uses the MathML function {name!r}, which is not supported "
-                         f"(quotient, rem, csymbols from packages and MathML outside SBML "
-                         f"core are refused)", element)
+                         f"(csymbols from packages and MathML outside SBML core are refused)",
+                         element)
 
     def _call(self, node, kids, element, env, depth):
         fname = node.getName()
@@ -424,7 +470,7 @@ def read_sbml(path, *, check_units: bool | None = None) -> Model:
     otherwise (or when the SBML units are inconsistent); ``False`` never checks;
     ``True`` checks and raises :class:`~immunoode.errors.UnitError`.
     """
-    model, _ = _read(path, events=False, check_units=check_units)
+    model, _ = _read(path, events="refuse", check_units=check_units)
     return model
 
 
@@ -436,10 +482,11 @@ def read_sbml_with_regimen(path, *, check_units: bool | None = None):
     ``S`` a state) become :class:`~immunoode.regimen.Dose` / :class:`~immunoode.regimen.Scale`
     items at time ``c``; any other event is refused.
     """
-    return _read(path, events=True, check_units=check_units)
+    return _read(path, events="regimen", check_units=check_units)
 
 
-def _read(path, *, events: bool, check_units):
+def _read(path, *, events: str, check_units):
+    """Shared import; ``events``: "refuse", "regimen" or "triggered"."""
     ls, doc, m, file = _read_document(path)
     level = doc.getLevel()
 
@@ -455,11 +502,12 @@ def _read(path, *, events: bool, check_units):
     for r in m.getListOfReactions():
         if r.isSetFast() and r.getFast():
             raise err("fast reactions are not supported", r.getId())
-    if m.getNumEvents() and not events:
+    if m.getNumEvents() and events == "refuse":
         ev = m.getEvent(0)
-        raise err("SBML events are not supported by read_sbml (immunoode has only time-scheduled "
-                  "regimens; read_sbml_with_regimen converts events 'time >= c: S = S + a' or "
-                  "'S = S * f')", ev.getId() or ev.getMetaId() or "event[0]")
+        raise err("SBML events are not supported by read_sbml (use read_sbml_triggered for "
+                  "events with state triggers, or read_sbml_with_regimen to turn events "
+                  "'time >= c: S = S + a' or 'S = S * f' into a dosing regimen)",
+                  ev.getId() or ev.getMetaId() or "event[0]")
     if m.getNumConstraints():
         warnings.warn(f"{file}: {m.getNumConstraints()} SBML constraint(s) ignored (they do not "
                       f"change the dynamics)", stacklevel=3)
@@ -472,12 +520,16 @@ def _read(path, *, events: bool, check_units):
     for i in range(m.getNumRules()):
         r = m.getRule(i)
         var = r.getVariable()
+        if r.getMath() is None:  # L3v2: a rule without math has no effect
+            continue
         if r.isRate():
             rate_rules[var] = conv.convert(r.getMath(), f"rateRule:{var}")
         elif r.isAssignment():
             assign_rules[var] = conv.convert(r.getMath(), f"assignmentRule:{var}")
     ias = {}
     for ia in m.getListOfInitialAssignments():
+        if ia.getMath() is None:
+            continue
         ias[ia.getSymbol()] = conv.convert(ia.getMath(), f"initialAssignment:{ia.getSymbol()}")
 
     taken = set()
@@ -485,9 +537,19 @@ def _read(path, *, events: bool, check_units):
                  m.getListOfReactions(), m.getListOfFunctionDefinitions()):
         for x in coll:
             taken.add(x.getId())
+    for r in m.getListOfReactions():
+        for refs in (r.getListOfReactants(), r.getListOfProducts(), r.getListOfModifiers()):
+            for sr in refs:
+                if sr.isSetId():
+                    taken.add(sr.getId())
     for x in ("t", "time"):
         if x in taken:
             raise err(f"the id {x!r} is reserved for time in immunoode", x)
+    event_targets = set()
+    if events == "triggered":
+        for ev in m.getListOfEvents():
+            for ea in ev.getListOfEventAssignments():
+                event_targets.add(ea.getVariable())
 
     # ---------------------------------------------------------- raw initial values
     raw_init: dict[str, sympy.Expr] = {}  # name -> expression giving its value at t0 (no IA)
@@ -508,6 +570,8 @@ def _read(path, *, events: bool, check_units):
             if dims in (1, 2, 3) else ("1" if dims == 0 else None))
         unit_of[cid] = u
         kind_of[cid] = "compartment"
+    varying = {cid for cid in comp_dims
+               if cid in rate_rules or cid in assign_rules or cid in event_targets}
 
     species_info = {}
     for s in m.getListOfSpecies():
@@ -518,11 +582,8 @@ def _read(path, *, events: bool, check_units):
             cf = s.getConversionFactor() if s.isSetConversionFactor() else m.getConversionFactor()
         else:
             cf = None
-        species_info[sid] = dict(comp=comp, hosu=hosu, boundary=s.getBoundaryCondition(),
-                                 constant=s.getConstant(), cf=cf)
-        if comp_dims.get(comp) == 0 and not hosu:
-            raise err("a concentration species in a 0-dimensional compartment is not supported",
-                      sid)
+        if comp_dims.get(comp) == 0:
+            hosu = True  # a 0-dimensional compartment has no size: its species are amounts
         V = _sym(comp)
         if s.isSetInitialAmount():
             raw_init[sid] = sympy.Float(s.getInitialAmount()) * (1 if hosu else 1 / V)
@@ -530,11 +591,19 @@ def _read(path, *, events: bool, check_units):
             raw_init[sid] = sympy.Float(s.getInitialConcentration()) * (V if hosu else 1)
         subst = (units.resolve(s.getSubstanceUnits()) if s.isSetSubstanceUnits()
                  else units.model_default("substance"))
+        amount_unit = subst
         if subst is not None and not hosu:
             cu = unit_of.get(comp)
             subst = None if cu is None else f"{_paren(subst)}/{_paren(cu)}"
         unit_of[sid] = subst
         kind_of[sid] = "species"
+        # a concentration species in a compartment whose size changes is kept as its amount
+        # (the conserved quantity); the species id becomes the assignment amount/size
+        by_amount = (not hosu and comp in varying and sid not in assign_rules
+                     and sid not in rate_rules)
+        species_info[sid] = dict(comp=comp, hosu=hosu, boundary=s.getBoundaryCondition(),
+                                 constant=s.getConstant(), cf=cf, amount_unit=amount_unit,
+                                 amount=_sanitize(f"{sid}_amount", taken) if by_amount else None)
 
     for p in m.getListOfParameters():
         pid = p.getId()
@@ -547,7 +616,7 @@ def _read(path, *, events: bool, check_units):
     reaction_rates: dict[str, sympy.Expr] = {}
     local_params: dict[str, tuple[float, str | None, str]] = {}
     contributions: dict[str, list] = {}
-    stoich_ids: dict[str, float] = {}
+    stoich_ids: dict[str, float] = {}  # species-reference id -> its stoichiometry attribute
     for r in m.getListOfReactions():
         rid = r.getId()
         kl = r.getKineticLaw()
@@ -566,16 +635,23 @@ def _read(path, *, events: bool, check_units):
         for refs, sign in ((r.getListOfReactants(), -1), (r.getListOfProducts(), 1)):
             for sr in refs:
                 sp = sr.getSpecies()
-                if sr.isSetStoichiometryMath() if level < 3 else False:
-                    raise err(f"stoichiometryMath (species {sp!r}) is not supported", rid)
                 st = sr.getStoichiometry() if (level < 3 or sr.isSetStoichiometry()) else 1.0
                 if not math.isfinite(st):
                     st = 1.0
-                if level >= 3 and sr.isSetId():
+                st = sympy.Float(st) if st != int(st) else sympy.Integer(int(st))
+                if level < 3 and sr.isSetStoichiometryMath() and \
+                        sr.getStoichiometryMath().getMath() is not None:
+                    st = conv.convert(sr.getStoichiometryMath().getMath(),
+                                      f"reaction:{rid} (stoichiometryMath of {sp})")
+                elif sr.isSetId() and sr.getId():
+                    # the id names the stoichiometry in math; rules, initial assignments
+                    # and events may change it like any variable
                     srid = sr.getId()
-                    if srid in rate_rules or srid in assign_rules or not sr.getConstant():
-                        raise err(f"variable stoichiometry ({srid!r}) is not supported", rid)
-                    stoich_ids[srid] = st
+                    stoich_ids[srid] = float(st)
+                    raw_init[srid] = st
+                    unit_of[srid] = "1"
+                    kind_of[srid] = "stoichiometry"
+                    st = _sym(srid)
                 info = species_info[sp]
                 if info["boundary"]:
                     continue
@@ -585,23 +661,60 @@ def _read(path, *, events: bool, check_units):
                 contributions.setdefault(sp, []).append((sign * st, rid))
 
     # ---------------------------------------------------------- classify variables
-    for cid, dims in comp_dims.items():
-        if cid in rate_rules or cid in assign_rules:
-            for sid, info in species_info.items():
-                if info["comp"] == cid and not info["hosu"] and (sid in contributions
-                                                                   or sid in rate_rules):
-                    raise err(f"compartment {cid!r} changes size and holds concentration species "
-                              f"{sid!r}: varying compartments with concentration species are not "
-                              f"supported", cid)
     for sid in contributions:
         if sid in rate_rules or sid in assign_rules:
             raise err("species is changed by both a rule and a reaction", sid)
+    for name in event_targets:
+        if name in assign_rules:
+            raise err("an event assigns a variable that an assignment rule defines", name)
+        if name not in kind_of:
+            raise err("an event assigns an unknown variable", name)
+
+    amount_of = {sid: info["amount"] for sid, info in species_info.items() if info["amount"]}
+    state_names = []
+    param_names = set()
+    for name, kind in kind_of.items():
+        if name in assign_rules or name in amount_of:
+            continue
+        dynamic = name in rate_rules or name in contributions
+        if not dynamic:
+            param_names.add(name)
+    for k in local_params:
+        param_names.add(k)
+    for sid, amt in amount_of.items():
+        if sid not in contributions:
+            param_names.add(amt)
+
+    # right-hand sides (SBML meaning: concentration states change by rate/size)
+    odes: dict[str, sympy.Expr] = {}
+    for name, kind in kind_of.items():
+        if name in param_names or name in assign_rules or name in amount_of:
+            continue
+        state_names.append(name)
+        if name in rate_rules:
+            odes[name] = rate_rules[name]
+            continue
+        odes[name] = _species_rate(species_info[name], contributions.get(name, []), by_size=True)
+    for sid, amt in amount_of.items():
+        if sid in contributions:
+            state_names.append(amt)
+            odes[amt] = _species_rate(species_info[sid], contributions[sid], by_size=False)
+    amount_assign = {sid: _sym(amt) / _sym(species_info[sid]["comp"])
+                     for sid, amt in amount_of.items()}
+
+    # rateOf(x): the right-hand side of x (states), its time derivative (assignments), 0 else
+    defined = dict(reaction_rates)
+    defined.update(assign_rules)
+    defined.update(amount_assign)
+    resolve = _RateOfResolver(odes, defined, file)
+    reaction_rates = {k: resolve(e, f"reaction:{k}") for k, e in reaction_rates.items()}
+    assign_rules = {k: resolve(e, f"assignmentRule:{k}") for k, e in assign_rules.items()}
+    odes = {k: resolve(e, f"rateRule:{k}") for k, e in odes.items()}
+    ias = {k: resolve(e, f"initialAssignment:{k}") for k, e in ias.items()}
 
     values: dict[str, float] = {}
     for k, v in local_params.items():
         values[k] = v[0]
-    for k, v in stoich_ids.items():
-        values[k] = v
     init_exprs = {}
     for name in kind_of:
         if name in assign_rules:
@@ -615,10 +728,12 @@ def _read(path, *, events: bool, check_units):
                       f"rule)", name)
     for rid, e in reaction_rates.items():
         init_exprs[rid] = e
+    for sid, amt in amount_of.items():
+        init_exprs[amt] = _sym(sid) * _sym(species_info[sid]["comp"])
     for name in ias:
         if name not in kind_of:
-            raise err("initial assignment to a symbol that is not a compartment, species or "
-                      "parameter is not supported", name)
+            raise err("initial assignment to a symbol that is not a compartment, species, "
+                      "parameter or species reference is not supported", name)
     init_exprs = {k: e.xreplace({TIME: sympy.Integer(0)}) for k, e in init_exprs.items()}
     values = _topo_eval(init_exprs, values, file)
 
@@ -635,23 +750,13 @@ def _read(path, *, events: bool, check_units):
             return UNKNOWN_UNIT
         return u
 
+    for sid, amt in amount_of.items():
+        unit_of[amt] = species_info[sid]["amount_unit"]
+
     b = ModelBuilder(mname, time_unit=time_unit or UNKNOWN_UNIT,
                      description=(m.getName() or "") + f" (imported from SBML {file.name})")
     if time_unit is None:
         unknown_units.append("time")
-
-    state_names = []
-    param_names = set()
-    for name, kind in kind_of.items():
-        if name in assign_rules:
-            continue
-        dynamic = name in rate_rules or name in contributions
-        if not dynamic:
-            param_names.add(name)
-    for k in local_params:
-        param_names.add(k)
-    for k in stoich_ids:
-        param_names.add(k)
 
     def initial_expr(name):
         e = ias.get(name, raw_init.get(name))
@@ -667,13 +772,22 @@ def _read(path, *, events: bool, check_units):
         unit_of[k] = u
         b.add_parameter(k, values[k], unit(k), description=f"local parameter of reaction {rid}",
                         source=f"SBML {file.name}")
-    for k, v in stoich_ids.items():
-        b.add_parameter(k, v, "1", description="stoichiometry", source=f"SBML {file.name}")
-    for name, kind in kind_of.items():
-        if name in param_names or name in assign_rules:
-            continue
-        b.add_state(name, initial_expr(name), unit(name), description=f"SBML {kind}")
-        state_names.append(name)
+    for sid, amt in amount_of.items():
+        if amt in param_names:
+            b.add_parameter(amt, values[amt], unit(amt), description=f"amount of SBML species "
+                            f"{sid}", source=f"SBML {file.name}")
+    for name in state_names:
+        if name in kind_of:
+            b.add_state(name, initial_expr(name), unit(name), description=f"SBML {kind_of[name]}")
+        else:
+            b.add_state(name, sympy.Float(values[name]), unit(name),
+                        description="amount of SBML species (its compartment changes size)")
+    if not state_names:
+        # immunoode models integrate at least one state; SBML models may have none
+        ph = _sanitize("sbml_no_state", taken)
+        b.add_state(ph, 0.0, "1", description="placeholder: the SBML model has no ODE")
+        odes[ph] = sympy.Integer(0)
+        state_names.append(ph)
     for rid, e in reaction_rates.items():
         b.add_assignment(rid, e, description=f"rate of SBML reaction {rid}")
     for name, e in assign_rules.items():
@@ -681,41 +795,134 @@ def _read(path, *, events: bool, check_units):
             raise err("assignment rule for an unknown variable", name)
         b.add_assignment(name, e, unit_of.get(name) if not unknown_units else None,
                          description=f"SBML {kind_of[name]} (assignment rule)")
+    for sid, e in amount_assign.items():
+        b.add_assignment(sid, e, unit_of.get(sid) if not unknown_units else None,
+                         description="SBML species concentration (amount / compartment size)")
     for name in state_names:
-        if name in rate_rules:
-            b.add_ode(name, rate_rules[name])
-            continue
-        terms = []
-        info = species_info.get(name)
-        for st, rid in contributions.get(name, []):
-            term = sympy.Float(st) if st != int(st) else sympy.Integer(int(st))
-            term = term * _sym(rid)
-            if info and info["cf"]:
-                term = term * _sym(info["cf"])
-            if info and not info["hosu"]:
-                term = term / _sym(info["comp"])
-            terms.append(term)
-        b.add_ode(name, sympy.Add(*terms) if terms else sympy.Integer(0))
+        b.add_ode(name, odes[name])
     for name in rate_rules:
         if name not in kind_of:
             raise err("rate rule for an unknown variable", name)
 
-    regimen = _events_to_regimen(ls, m, conv, set(state_names), values, file) if events else None
+    extra = None
+    if events == "regimen":
+        extra = _events_to_regimen(ls, m, conv, set(state_names), values, file)
+    elif events == "triggered":
+        extra = _events_triggered(ls, m, conv, level, species_info, rate_rules, resolve, file)
 
     if check_units is False or unknown_units:
         if unknown_units and check_units is not False:
             shown = ", ".join(unknown_units[:6]) + (" ..." if len(unknown_units) > 6 else "")
             warnings.warn(f"{file}: units unknown or not expressible for {shown}; the unit check "
                           f"was skipped (these are marked with unit {UNKNOWN_UNIT!r})", stacklevel=3)
-        return b.build(check_units=False), regimen
+        return b.build(check_units=False), extra
     try:
-        return b.build(check_units=True), regimen
+        return b.build(check_units=True), extra
     except UnitError as exc:
         if check_units:
             raise
         warnings.warn(f"{file}: the SBML units are not consistent ({exc}); the unit check was "
                       f"skipped", stacklevel=3)
-        return b.build(check_units=False), regimen
+        return b.build(check_units=False), extra
+
+
+def _species_rate(info, contributions, *, by_size: bool):
+    """Σ stoichiometry · rate (· conversion factor) (/ compartment size for concentrations)."""
+    terms = []
+    for st, rid in contributions:
+        term = st * _sym(rid)
+        if info["cf"]:
+            term = term * _sym(info["cf"])
+        if by_size and not info["hosu"]:
+            term = term / _sym(info["comp"])
+        terms.append(term)
+    return sympy.Add(*terms) if terms else sympy.Integer(0)
+
+
+class _RateOfResolver:
+    """Replace ``rateOf(x)`` by dx/dt: the ODE of a state, the chain-rule time derivative
+    of an assignment, 0 for anything constant between events."""
+
+    def __init__(self, odes: dict, defined: dict, file):
+        self.odes = odes
+        self.defined = defined
+        self.file = file
+
+    def rate(self, name: str, element: str, stack: tuple) -> sympy.Expr:
+        if name in stack:
+            raise ModelError("rateOf is circular: " + " -> ".join(stack + (name,)),
+                             file=self.file, section="sbml", item=element)
+        if name in self.odes:
+            return self.resolve(self.odes[name], element, stack + (name,))
+        if name in self.defined:
+            e = self.resolve(self.defined[name], element, stack + (name,))
+            d = sympy.diff(e, TIME)
+            for s in e.free_symbols:
+                if s is TIME:
+                    continue
+                ds = sympy.diff(e, s)
+                if ds != 0:
+                    d = d + ds * self.rate(s.name, element, stack + (name,))
+            return d
+        return sympy.Integer(0)
+
+    def resolve(self, e, element: str, stack: tuple = ()):
+        if not isinstance(e, sympy.Basic) or not e.has(RateOf):
+            return e
+        return e.replace(lambda x: isinstance(x, RateOf),
+                         lambda x: self.rate(x.args[0].name, element, stack))
+
+    def __call__(self, e, element):
+        return self.resolve(e, element)
+
+
+def _events_triggered(ls, m, conv, level, species_info, rate_rules, resolve, file):
+    """SBML events -> :class:`~immunoode.triggered.Event` tuple."""
+    from .triggered import Event
+    out = []
+    for k, ev in enumerate(m.getListOfEvents()):
+        eid = ev.getId() or ev.getMetaId() or f"event[{k}]"
+        el = f"event:{eid}"
+        trig = ev.getTrigger()
+        if trig is None or trig.getMath() is None:
+            continue  # L3v2: an event without trigger math never fires
+        trigger = conv.cond(conv._conv(trig.getMath(), el, {}, 0))
+        trigger = resolve(trigger, el)
+        delay = None
+        if ev.isSetDelay() and ev.getDelay().getMath() is not None:
+            delay = resolve(conv.convert(ev.getDelay().getMath(), el), el)
+        prio = None
+        if ev.isSetPriority() and ev.getPriority().getMath() is not None:
+            prio = resolve(conv.convert(ev.getPriority().getMath(), el), el)
+        assigns = []
+        for ea in ev.getListOfEventAssignments():
+            var = ea.getVariable()
+            if ea.getMath() is None:
+                continue
+            e = resolve(conv.convert(ea.getMath(), el), el)
+            info = species_info.get(var)
+            if info is not None and info["amount"]:
+                assigns.append((info["amount"], e * _sym(info["comp"])))
+            else:
+                assigns.append((var, e))
+        # a compartment resized by the event keeps the amounts of its concentration species;
+        # those integrated as concentrations (rate rules) are rescaled by old size / new size
+        # (a concentration assigned by the same event is taken at the old size, as the
+        # SBML Test Suite expects)
+        sizes = {v: e for v, e in assigns if v in {i["comp"] for i in species_info.values()}}
+        rescaled = {}
+        for sid, info in species_info.items():
+            if info["comp"] in sizes and not info["hosu"] and not info["amount"] \
+                    and sid in rate_rules:
+                rescaled[sid] = _sym(info["comp"]) / sizes[info["comp"]]
+        assigns = [(v, e * rescaled.pop(v) if v in rescaled else e) for v, e in assigns]
+        assigns += [(sid, _sym(sid) * f) for sid, f in rescaled.items()]
+        out.append(Event(
+            eid, trigger, tuple(assigns), delay, prio,
+            persistent=bool(trig.getPersistent()) if level >= 3 else True,
+            initial_value=bool(trig.getInitialValue()) if level >= 3 else True,
+            use_values_from_trigger_time=bool(ev.getUseValuesFromTriggerTime())))
+    return tuple(out)
 
 
 def _events_to_regimen(ls, m, conv, states: set, values, file):
@@ -893,6 +1100,11 @@ class _ToAST:
             if e.base is sympy.E:
                 return self.node(ls.AST_FUNCTION_EXP, self.conv(e.exp))
             return self.node(ls.AST_POWER, self.conv(e.base), self.conv(e.exp))
+        if isinstance(e, (_Floor, _Ceiling)):
+            ty = ls.AST_FUNCTION_FLOOR if isinstance(e, _Floor) else ls.AST_FUNCTION_CEILING
+            return self.node(ty, self.conv(e.args[0]))
+        if isinstance(e, _FactorialGamma):
+            return self.node(ls.AST_FUNCTION_FACTORIAL, self.conv(e.args[0] - 1))
         funcs = _one_to_one_functions(ls)
         if e.func in funcs:
             if e.func is sympy.log and len(e.args) == 2:
@@ -1263,3 +1475,17 @@ def add_sbml_commands(sub) -> None:
     e.add_argument("--t-end", type=float, default=None,
                    help="end time bounding open-ended regimen repeats")
     e.set_defaults(func=cmd_export_sbml)
+
+
+# =========================================================================== events
+def read_sbml_triggered(path, *, check_units: bool | None = None):
+    """Read an SBML file with any events into a :class:`~immunoode.triggered.TriggeredModel`.
+
+    Events keep their SBML meaning (trigger, delay, priority, persistent,
+    initialValue, useValuesFromTriggerTime) and are simulated by
+    :func:`immunoode.triggered.simulate_triggered` with root finding.  A file
+    without events gives a TriggeredModel with no events.
+    """
+    from .triggered import TriggeredModel
+    model, events = _read(path, events="triggered", check_units=check_units)
+    return TriggeredModel(model, events or (), source=str(path))

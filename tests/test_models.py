@@ -21,9 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 NSCLC = MODELS / "nsclc"
 REGIMENS = MODELS / "regimens"
-COMPOSED = ["nsclc_io.toml", "nsclc_io_atezolizumab.toml", "nsclc_io_durvalumab.toml", "nsclc_io_nivo_ipi.toml"]
+COMPOSED = ["nsclc_io.toml", "nsclc_io_atezolizumab.toml", "nsclc_io_durvalumab.toml", "nsclc_io_nivo_ipi.toml",
+            "nsclc_io_chemo.toml", "nsclc_io_rt_2lesion.toml", "cic_nsclc.toml"]
 STANDALONE = ["patient.toml", "background.toml", "tumor.toml", "pk_pembrolizumab.toml",
-              "pk_nivolumab.toml", "pk_atezolizumab.toml", "pk_durvalumab.toml", "pk_ipilimumab.toml"]
+              "pk_nivolumab.toml", "pk_atezolizumab.toml", "pk_durvalumab.toml", "pk_ipilimumab.toml",
+              "pk_chemo.toml"]
 PK_NEEDS_PATIENT = {"pk_pembrolizumab.toml", "pk_nivolumab.toml", "pk_atezolizumab.toml",
                     "pk_durvalumab.toml", "pk_ipilimumab.toml"}
 

@@ -187,7 +187,7 @@ def test_unsupported_math_named(tmp_path):
         pytest.skip("no sin in file")
     p = tmp_path / "rem.xml"
     p.write_text(text)
-    with pytest.raises(im.ModelError, match="A1"):
+    with pytest.raises(im.ModelError, match="A1.*takes two arguments"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             read_sbml(p)

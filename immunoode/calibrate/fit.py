@@ -1,0 +1,1047 @@
+"""Stage 7d — the rate fit. Consumes a fit file (arms = virtual trials, target table,
+population model, fitted parameters with bounds); produces a :class:`FitResult`: fitted
+parameters with profile-likelihood intervals, every target against its simulated value,
+held-out predictions, stage timings and evaluation counts.
+
+The fit is nested because the two kinds of parameter cost very different amounts:
+
+* **population** parameters (medians, CVs, covariate effects of the re-weighted patient
+  variables) only change importance weights of the simulated plausible cohorts
+  (:mod:`.vpop`): one objective evaluation is a few weighted sums;
+* **mechanistic** parameters (model parameters shared by every patient and arm) change the
+  trajectories, so each new value re-simulates every arm's cohort (cached by value).
+
+Stages: (1) *global*: for each point of a grid (Latin hypercube for several mechanistic
+parameters) of mechanistic values, simulate the cohorts and fit the population parameters
+with lmfit's differential evolution then a local least-squares fit; (2) *local*: Nelder–Mead
+over the mechanistic parameters from the best grid point, each step re-fitting the
+population parameters locally; (3) *profiles*: profile likelihood of every fitted parameter
+(population ones re-optimise the others at each profile value; the mechanistic profile is
+the inner optimum along the grid), giving 95 % intervals at Δχ² = 3.84 and flagging
+parameters the targets leave unbounded.  The cohort seed is fixed (common random numbers),
+so the objective and the whole fit are deterministic for a given seed.
+
+Fit file (TOML)::
+
+    [fit]
+    name = "nsclc_icis"
+    targets = "nsclc_targets.csv"     # relative to the fit file
+    seed = 1
+    interval_scale = 0.025            # [fraction] sd outside interval targets
+
+    [cohort]                          # plausible cohort per arm
+    n = 1500
+    method = "lhs"
+    n_jobs = 2
+    min_ess = 50                      # penalty below this effective sample size
+
+    [stages]
+    global_maxiter = 40
+    global_popsize = 8
+    mechanistic_grid = 5
+    mechanistic_refine = 6
+    profile_points = 9
+
+    [arms.1l_ici_mono]
+    trial = "trials/1l_ici_mono.toml"
+    covariates = { prior_chemo = 0 }
+
+    [population.k_CTL]                # target distribution of a re-weighted variable
+    dist = "lognormal"
+    median = "k_CTL_median"           # a parameter name or a number
+    cv = 0.5
+    effects = { prior_chemo = "k_CTL_prior_chemo" }
+
+    [parameters.k_CTL_median]
+    kind = "population"               # or "mechanistic" (a model parameter)
+    value = 0.3
+    min = 0.05
+    max = 3.0
+    scale = "log"                     # profile grid spacing / 'range' prior
+    prior = "none"                    # none | range | {dist = "normal", mean = .., sd = ..}
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import ImmunoodeError, ModelError
+from .likelihood import DEFAULT_INTERVAL_SCALE, Likelihood, multinomial_nll, prior_nll
+from .targets import Target, TargetTable, load_targets
+from .vpop import (STATISTICS, Cohort, PopulationModel, VariableModel, indicators,
+                   required_follow_up, weighted_rates)
+
+__all__ = ["FitFileError", "CalibrationError", "FitSpec", "ParameterSpec", "ArmSpec",
+           "load_fit", "RateFit", "FitResult", "run_fit", "CHI2_95"]
+
+log = logging.getLogger(__name__)
+
+#: Δχ² (= 2·ΔNLL) of a 95 % profile-likelihood interval for one parameter
+CHI2_95 = 3.841458820694124
+
+_SECTIONS = {"fit", "cohort", "stages", "arms", "population", "parameters"}
+_FIT_KEYS = {"name", "kind", "targets", "seed", "interval_scale", "description"}
+_COHORT_KEYS = {"n", "method", "n_jobs", "min_ess"}
+_STAGE_KEYS = {"global_maxiter", "global_popsize", "mechanistic_grid", "mechanistic_refine",
+               "profile_points", "local_max_nfev"}
+_ARM_KEYS = {"trial", "label", "covariates", "n"}
+_POP_KEYS = {"dist", "median", "cv", "mean", "sd", "effects"}
+_PAR_KEYS = {"kind", "value", "min", "max", "vary", "scale", "prior", "description", "unit"}
+_STAGE_DEFAULTS = {"global_maxiter": 40, "global_popsize": 8, "mechanistic_grid": 5,
+                   "mechanistic_refine": 6, "profile_points": 9, "local_max_nfev": 400}
+
+
+class FitFileError(ModelError):
+    """A fit file is invalid (the message names the file, the section and the item)."""
+
+
+class CalibrationError(ImmunoodeError, RuntimeError):
+    """A fit could not be carried out (e.g. every arm's simulation failed)."""
+
+
+def _suggest(name, known) -> str:
+    import difflib
+    m = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
+    return f"; did you mean {m[0]!r}?" if m else ""
+
+
+# --------------------------------------------------------------------------- fit file
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One calibration parameter: bounds, start, kind and prior."""
+
+    name: str
+    kind: str
+    value: float
+    min: float
+    max: float
+    vary: bool = True
+    scale: str = "linear"
+    prior: Mapping | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """One trial arm: its trial file (loaded spec), label and arm-level covariates."""
+
+    name: str
+    trial_file: str
+    trial: Mapping
+    label: str = ""
+    covariates: Mapping[str, float] = field(default_factory=dict)
+    n: int | None = None
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """A validated fit file."""
+
+    name: str
+    file: str
+    targets: TargetTable
+    seed: int
+    arms: Mapping[str, ArmSpec]
+    population: PopulationModel
+    parameters: Mapping[str, ParameterSpec]
+    cohort: Mapping
+    stages: Mapping
+    interval_scale: float = DEFAULT_INTERVAL_SCALE
+    sha256: str = ""
+
+    @property
+    def mechanistic(self) -> list[str]:
+        """Mechanistic parameter names (model parameters), in file order."""
+        return [k for k, p in self.parameters.items() if p.kind == "mechanistic"]
+
+    @property
+    def population_parameters(self) -> list[str]:
+        """Population parameter names, in file order."""
+        return [k for k, p in self.parameters.items() if p.kind == "population"]
+
+
+def _keys(d, allowed, file, section, item=None):
+    if not isinstance(d, Mapping):
+        raise FitFileError(f"expected a table; got {type(d).__name__}", file=file,
+                           section=section, item=item)
+    for k in d:
+        if k not in allowed:
+            raise FitFileError(f"unknown key {k!r}{_suggest(k, allowed)} (allowed: "
+                               f"{', '.join(sorted(allowed))})", file=file, section=section,
+                               item=item)
+
+
+def _number(v, file, section, item, key, *, integer=False, positive=False):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise FitFileError(f"{key!r} must be a finite number; got {v!r}", file=file,
+                           section=section, item=item)
+    if integer and int(v) != v:
+        raise FitFileError(f"{key!r} must be a whole number; got {v!r}", file=file,
+                           section=section, item=item)
+    if positive and v <= 0:
+        raise FitFileError(f"{key!r} must be > 0; got {v!r}", file=file, section=section,
+                           item=item)
+    return int(v) if integer else float(v)
+
+
+def read_fit_kind(path) -> str:
+    """``[fit] kind`` of a fit file (``"rates"`` when absent)."""
+    file = Path(path)
+    if not file.exists():
+        raise FitFileError("no such fit file", file=file)
+    try:
+        with open(file, "rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise FitFileError(f"invalid TOML: {exc}", file=file) from None
+    return str(data.get("fit", {}).get("kind", "rates"))
+
+
+def load_fit(path) -> FitSpec:
+    """Read and validate a rate-fit file (see the module docstring).
+
+    Raises
+    ------
+    FitFileError
+        Unknown sections or keys, a population variable referring to an undeclared
+        parameter, a parameter no variable uses, bounds that do not hold the start value, an
+        arm without a trial file, a target naming an undeclared arm or an unknown statistic,
+        no fitted targets.  Mechanistic parameters and re-weighted variables are checked
+        against each arm's model and trial file when the fit is prepared (:class:`RateFit`).
+    """
+    file = Path(path)
+    if not file.exists():
+        raise FitFileError("no such fit file", file=file)
+    raw = file.read_bytes()
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise FitFileError(f"invalid TOML: {exc}", file=file) from None
+    _keys(data, _SECTIONS, file, "(top level)")
+    fit = data.get("fit", {})
+    _keys(fit, _FIT_KEYS, file, "fit")
+    kind = fit.get("kind", "rates")
+    if kind != "rates":
+        raise FitFileError(f"kind {kind!r} is not a rate fit (time-course fits are run by "
+                           f"immunoode.calibrate.timecourse)", file=file, section="fit")
+    if "targets" not in fit:
+        raise FitFileError("missing 'targets' (the target table CSV)", file=file, section="fit")
+    base = file.resolve().parent
+    tpath = base / str(fit["targets"])
+    from .targets import TargetError
+    try:
+        targets = load_targets(tpath)
+    except TargetError as exc:
+        raise exc.located(file=tpath) from None
+    seed = _number(fit.get("seed", 0), file, "fit", None, "seed", integer=True)
+    iscale = _number(fit.get("interval_scale", DEFAULT_INTERVAL_SCALE), file, "fit", None,
+                     "interval_scale", positive=True)
+
+    cohort = dict(fit_cohort_defaults())
+    c = data.get("cohort", {})
+    _keys(c, _COHORT_KEYS, file, "cohort")
+    cohort.update(c)
+    for k in ("n", "n_jobs"):
+        cohort[k] = _number(cohort[k], file, "cohort", None, k, integer=True, positive=True)
+    cohort["min_ess"] = _number(cohort["min_ess"], file, "cohort", None, "min_ess")
+    stages = dict(_STAGE_DEFAULTS)
+    s = data.get("stages", {})
+    _keys(s, _STAGE_KEYS, file, "stages")
+    stages.update(s)
+    for k in stages:
+        stages[k] = _number(stages[k], file, "stages", None, k, integer=True, positive=True)
+
+    # parameters
+    params: dict[str, ParameterSpec] = {}
+    for name, p in data.get("parameters", {}).items():
+        _keys(p, _PAR_KEYS, file, "parameters", name)
+        kind_p = p.get("kind", "population")
+        if kind_p not in ("population", "mechanistic"):
+            raise FitFileError(f"'kind' must be 'population' or 'mechanistic'; got {kind_p!r}",
+                               file=file, section="parameters", item=name)
+        for key in ("value", "min", "max"):
+            if key not in p:
+                raise FitFileError(f"missing {key!r} (start value and bounds are required)",
+                                   file=file, section="parameters", item=name)
+        v, lo, hi = (_number(p[k], file, "parameters", name, k) for k in ("value", "min", "max"))
+        if not lo <= v <= hi or lo >= hi:
+            raise FitFileError(f"need min < max and min <= value <= max; got min={lo:g}, "
+                               f"value={v:g}, max={hi:g}", file=file, section="parameters",
+                               item=name)
+        scale = p.get("scale", "linear")
+        if scale not in ("linear", "log") or (scale == "log" and lo <= 0):
+            raise FitFileError(f"'scale' must be 'linear' or 'log' (log needs min > 0); got "
+                               f"{scale!r}", file=file, section="parameters", item=name)
+        prior = p.get("prior", "none")
+        if isinstance(prior, str):
+            prior = {"dist": prior}
+        if not isinstance(prior, Mapping) or prior.get("dist", "none") not in (
+                "none", "range", "normal", "lognormal"):
+            raise FitFileError(f"'prior' must be 'none', 'range' or a table with dist = "
+                               f"'normal'/'lognormal'; got {prior!r}", file=file,
+                               section="parameters", item=name)
+        try:
+            prior_nll(v, prior, bounds=(lo, hi), log_scale=scale == "log")
+        except (KeyError, ValueError, TypeError) as exc:
+            raise FitFileError(f"invalid prior: {exc}", file=file, section="parameters",
+                               item=name) from None
+        vary = p.get("vary", True)
+        if not isinstance(vary, bool):
+            raise FitFileError(f"'vary' must be true or false; got {vary!r}", file=file,
+                               section="parameters", item=name)
+        params[name] = ParameterSpec(name, kind_p, v, lo, hi, vary, scale, dict(prior),
+                                     str(p.get("description", "")))
+    if not any(p.vary for p in params.values()):
+        raise FitFileError("no parameter has vary = true: nothing to fit", file=file,
+                           section="parameters")
+
+    # population model
+    variables = []
+    used: set[str] = set()
+    for var, d in data.get("population", {}).items():
+        _keys(d, _POP_KEYS, file, "population", var)
+        dist = d.get("dist", "lognormal")
+        if dist not in ("lognormal", "normal"):
+            raise FitFileError(f"'dist' must be 'lognormal' or 'normal'; got {dist!r}",
+                               file=file, section="population", item=var)
+        lk, sk = ("median", "cv") if dist == "lognormal" else ("mean", "sd")
+        for k in (lk, sk):
+            if k not in d:
+                raise FitFileError(f"a {dist} variable needs {lk!r} and {sk!r}", file=file,
+                                   section="population", item=var)
+        effects = d.get("effects", {})
+        if not isinstance(effects, Mapping):
+            raise FitFileError("'effects' must be a table {covariate = parameter}", file=file,
+                               section="population", item=var)
+        vm = VariableModel(var, dist, d[lk], d[sk], tuple(effects.items()))
+        for ref in [d[lk], d[sk], *effects.values()]:
+            if isinstance(ref, str):
+                if ref not in params:
+                    raise FitFileError(f"unknown parameter {ref!r}{_suggest(ref, params)}; "
+                                       f"declare it under [parameters]", file=file,
+                                       section="population", item=var)
+                if params[ref].kind != "population":
+                    raise FitFileError(f"{ref!r} is mechanistic; a population distribution "
+                                       f"can only use population parameters", file=file,
+                                       section="population", item=var)
+                used.add(ref)
+            elif isinstance(ref, bool) or not isinstance(ref, (int, float)):
+                raise FitFileError(f"expected a parameter name or a number; got {ref!r}",
+                                   file=file, section="population", item=var)
+        variables.append(vm)
+    for name, p in params.items():
+        if p.kind == "population" and name not in used:
+            raise FitFileError("population parameter not used by any [population] variable; "
+                               "remove it or mark it kind = 'mechanistic'", file=file,
+                               section="parameters", item=name)
+
+    # arms
+    from ..trial import TrialError, load_trial
+    arms: dict[str, ArmSpec] = {}
+    if not data.get("arms"):
+        raise FitFileError("no [arms.<name>] table: a fit needs at least one trial arm",
+                           file=file)
+    for arm, a in data["arms"].items():
+        _keys(a, _ARM_KEYS, file, "arms", arm)
+        if "trial" not in a:
+            raise FitFileError("missing 'trial' (a trial file)", file=file, section="arms",
+                               item=arm)
+        tfile = base / str(a["trial"])
+        try:
+            tspec = load_trial(tfile)
+        except (TrialError, ImmunoodeError) as exc:
+            raise FitFileError(f"trial file {str(tfile)!r}: {exc}", file=file, section="arms",
+                               item=arm) from None
+        covs = dict(a.get("covariates", {}))
+        for k, v in covs.items():
+            _number(v, file, "arms", arm, f"covariates.{k}")
+        n_arm = a.get("n")
+        if n_arm is not None:
+            n_arm = _number(n_arm, file, "arms", arm, "n", integer=True, positive=True)
+        arms[arm] = ArmSpec(arm, str(tfile), tspec, str(a.get("label", arm)), covs, n_arm)
+
+    # targets vs arms
+    fit_rows = targets.select(role="fit")
+    if not fit_rows:
+        raise FitFileError(f"target table {str(tpath)!r} has no row with role = 'fit'",
+                           file=file, section="fit", item="targets")
+    for t in targets:
+        if t.arm not in arms:
+            raise FitFileError(f"target {t.id!r} names arm {t.arm!r}, which the fit file does "
+                               f"not declare{_suggest(t.arm, arms)} (arms: {sorted(arms)})",
+                               file=file, section="arms")
+        if t.statistic not in STATISTICS:
+            raise FitFileError(f"target {t.id!r}: unknown statistic {t.statistic!r}"
+                               f"{_suggest(t.statistic, STATISTICS)} (known: "
+                               f"{', '.join(STATISTICS)})", file=tpath)
+        fu = float(arms[t.arm].trial["trial"]["follow_up"])
+        need = required_follow_up(t)
+        if need > fu:
+            raise FitFileError(f"target {t.id!r} needs {need:g} days of follow-up but the trial "
+                               f"file has follow_up = {fu:g}", file=file, section="arms",
+                               item=t.arm)
+    return FitSpec(str(fit.get("name", file.stem)), str(file), targets, seed, arms,
+                   PopulationModel(tuple(variables)), params, cohort, stages, iscale,
+                   hashlib.sha256(raw).hexdigest())
+
+
+def _covariate_names(pop: Mapping) -> set[str]:
+    """Numeric patient variables a trial's population spec samples besides its parameters
+    (a ``pdl1_tps``-type covariate ``x`` yields ``x_tps``)."""
+    out = set()
+    for name, d in pop.get("covariates", {}).items():
+        dist = d.get("dist", "pdl1_tps" if name == "pdl1" else "lognormal") \
+            if isinstance(d, Mapping) else None
+        if dist == "pdl1_tps":
+            out.add(f"{name}_tps")
+        elif dist not in ("categorical", None) and "prevalence" not in d:
+            out.add(name)
+    return out
+
+
+def fit_cohort_defaults() -> dict:
+    """Defaults of the ``[cohort]`` section."""
+    return {"n": 1000, "method": "lhs", "n_jobs": 1, "min_ess": 30.0}
+
+
+# --------------------------------------------------------------------------- objective
+@dataclass
+class _ArmData:
+    cohort: Cohort
+    num: np.ndarray
+    den: np.ndarray
+    targets: list[Target]
+
+
+class RateFit:
+    """Objective and cohort cache of one fit (see the module docstring).
+
+    Parameters
+    ----------
+    spec
+        A loaded fit file (:func:`load_fit`).
+    progress
+        Show the simulation progress of each cohort on stderr.
+    """
+
+    def __init__(self, spec: FitSpec, *, progress: bool = False, say=None):
+        self.spec = spec
+        self.progress = progress
+        self.say = say or (lambda stage, msg: log.info("%s: %s", stage, msg))
+        self.likelihood = Likelihood(spec.targets, interval_scale=spec.interval_scale)
+        self.n_eval = 0
+        self.n_sim = 0
+        self.sim_time = 0.0
+        self._cache: dict[tuple, dict[str, _ArmData]] = {}
+        self._models = {}
+        self._check_arms()
+
+    # ---- preparation
+    def _check_arms(self):
+        from ..cli import resolve_model_path
+        from ..compile import compile_model
+        from ..sbml import load_any_model
+        spec = self.spec
+        for arm in spec.arms.values():
+            tr = arm.trial["trial"]
+            base = Path(arm.trial["_base"])
+            mp = Path(str(tr["model"]))
+            mp = base / mp if (not mp.is_absolute() and (base / mp).exists()) else \
+                resolve_model_path(str(tr["model"]))
+            cm = compile_model(load_any_model(mp))
+            self._models[arm.name] = cm
+            for m in spec.mechanistic:
+                if m not in cm.parameter_names:
+                    raise FitFileError(f"mechanistic parameter {m!r} is not a parameter of model "
+                                       f"{cm.model.name!r} (arm {arm.name!r})"
+                                       f"{_suggest(m, cm.parameter_names)}", file=spec.file,
+                                       section="parameters", item=m)
+            pop_pars = arm.trial["population"].get("parameters", {})
+            for v in spec.population.variables:
+                if v.name not in pop_pars:
+                    raise FitFileError(f"re-weighted variable {v.name!r} is not sampled in the "
+                                       f"[population.parameters] of {arm.trial_file!r}"
+                                       f"{_suggest(v.name, pop_pars)}", file=spec.file,
+                                       section="population", item=v.name)
+                dist = pop_pars[v.name].get("dist", "lognormal")
+                if dist not in ("uniform", "loguniform", "lognormal", "normal"):
+                    raise FitFileError(f"re-weighted variable {v.name!r} has plausible "
+                                       f"distribution {dist!r} in {arm.trial_file!r}; use "
+                                       f"uniform, loguniform, lognormal or normal",
+                                       file=spec.file, section="population", item=v.name)
+                sampled = set(pop_pars) | _covariate_names(arm.trial["population"])
+                for cov, _ in v.effects:
+                    if cov not in arm.covariates and cov not in sampled:
+                        raise FitFileError(f"covariate {cov!r} of {v.name!r} is neither an arm "
+                                           f"covariate of {arm.name!r} nor a sampled variable",
+                                           file=spec.file, section="population", item=v.name)
+            corr = arm.trial["population"].get("correlation")
+            if corr:
+                names = set(json.dumps(corr).replace('"', " ").split())
+                clash = [v for v in spec.population.names if v in names]
+                if clash:
+                    raise FitFileError(f"re-weighted variables {clash} are correlated in "
+                                       f"{arm.trial_file!r}; the plausible density must be a "
+                                       f"product of marginals", file=spec.file,
+                                       section="arms", item=arm.name)
+
+    def parameters(self, values: Mapping[str, float] | None = None):
+        """lmfit :class:`~lmfit.Parameters` of the fit (start values or ``values``)."""
+        import lmfit
+        ps = lmfit.Parameters()
+        for name, p in self.spec.parameters.items():
+            v = p.value if values is None else float(values.get(name, p.value))
+            ps.add(name, value=min(max(v, p.min), p.max), min=p.min, max=p.max, vary=p.vary)
+        return ps
+
+    # ---- cohorts
+    def cohorts(self, mech: Mapping[str, float]) -> dict[str, _ArmData]:
+        """Simulated plausible cohorts of every arm at these mechanistic values (cached)."""
+        key = tuple((k, float(mech[k])) for k in self.spec.mechanistic)
+        if key in self._cache:
+            return self._cache[key]
+        from ..trial import run_trial
+        out = {}
+        t0 = time.perf_counter()
+        for arm in self.spec.arms.values():
+            tspec = copy.deepcopy(dict(arm.trial))
+            pars = tspec["population"].setdefault("parameters", {})
+            for k, v in key:
+                pars[k] = {"dist": "fixed", "value": float(v)}
+            n = arm.n or int(self.spec.cohort["n"])
+            tspec["trial"] = dict(tspec["trial"], method=self.spec.cohort["method"])
+            self.say("simulate", f"arm {arm.name}: {n} plausible patients at {dict(key)}")
+            ds = run_trial(tspec, n=n, seed=self.spec.seed, n_jobs=int(self.spec.cohort["n_jobs"]),
+                           progress=self.progress, model=self._models[arm.name])
+            plaus = {v: tspec["population"]["parameters"][v] for v in self.spec.population.names}
+            pcov = tuple(sorted({c for v in self.spec.population.variables for c, _ in v.effects
+                                 if c not in arm.covariates}))
+            cohort = Cohort.from_trial(ds, arm.name, plaus, arm_covariates=arm.covariates,
+                                       patient_covariates=pcov)
+            rows = self.spec.targets.select(arm=arm.name)
+            num, den = indicators(cohort.outcomes, rows)
+            out[arm.name] = _ArmData(cohort, num, den, rows)
+            self.n_sim += 1
+        self.sim_time += time.perf_counter() - t0
+        if all(a.cohort.outcomes["failed"].all() for a in out.values()):
+            raise CalibrationError(f"every simulated patient failed at {dict(key)}; see the "
+                                   f"trial 'message' variable")
+        self._cache[key] = out
+        return out
+
+    # ---- evaluation
+    def simulate_statistics(self, values: Mapping[str, float], data: dict[str, _ArmData], *,
+                            se: bool = True):
+        """Weighted statistics of every target: ``{id: (rate, mc_se)}`` and ``{arm: ESS}``."""
+        stats, ess = {}, {}
+        for arm, d in data.items():
+            w = d.cohort.weights(self.spec.population, values)
+            if not np.all(np.isfinite(w)):
+                ess[arm] = 0.0
+                for t in d.targets:
+                    stats[t.id] = (math.nan, math.nan)
+                continue
+            ess[arm] = float(1.0 / np.sum(w * w))
+            rate, err, _ = weighted_rates(d.num, d.den, w, se=se)
+            for j, t in enumerate(d.targets):
+                stats[t.id] = (float(rate[j]), float(err[j]) if se else math.nan)
+        return stats, ess
+
+    def residual(self, params, data: dict[str, _ArmData]) -> np.ndarray:
+        """Residual vector (sum of squares = 2·NLL): targets, priors, ESS floors."""
+        self.n_eval += 1
+        values = params.valuesdict() if hasattr(params, "valuesdict") else dict(params)
+        stats, ess = self.simulate_statistics(values, data, se=False)
+        sim = {k: (0.5 if not math.isfinite(v[0]) else v[0]) for k, v in stats.items()}
+        r = self.likelihood.terms(sim).residuals
+        bad = [k for k, v in stats.items() if not math.isfinite(v[0])]
+        if bad:
+            r = r + 30.0
+        pri = []
+        for name, p in self.spec.parameters.items():
+            if p.vary and p.prior and p.prior.get("dist", "none") != "none":
+                pri.append(math.sqrt(2 * prior_nll(values[name], p.prior, bounds=(p.min, p.max),
+                                                   log_scale=p.scale == "log")))
+        floor = float(self.spec.cohort["min_ess"])
+        pen = [max(0.0, (floor - e) / (0.25 * floor)) if floor > 0 else 0.0 for e in ess.values()]
+        return np.concatenate([r, np.asarray(pri, float), np.asarray(pen, float)])
+
+    def chisqr(self, values: Mapping[str, float], data) -> float:
+        """``2·NLL`` at these values."""
+        return float(np.sum(self.residual(values, data) ** 2))
+
+
+# --------------------------------------------------------------------------- result
+@dataclass
+class FitResult:
+    """Everything a rate fit produces (see :func:`run_fit`).
+
+    Attributes
+    ----------
+    values
+        Best parameter values (every declared parameter).
+    chisqr
+        ``2·NLL`` at the best fit (deviance form: 0 = every target met exactly).
+    lmfit_result
+        The final local lmfit ``MinimizerResult`` (population parameters).
+    table
+        One row per target: observed value and interval, simulated value with its
+        Monte-Carlo standard error, term, whether the target is met.
+    intervals
+        ``{name: (low, high, flag)}`` from the profiles; ``flag`` is ``""``,
+        ``"unbounded below"``, ``"unbounded above"`` or ``"not identified"``.
+    profiles
+        ``{name: DataFrame(value, chisqr)}``.
+    stages
+        Stage name -> wall-clock seconds.
+    counts
+        Objective evaluations, cohort simulations and derived rates.
+    attrs
+        Provenance (fit file hash, seed, model hashes, immunoode version, cohort sizes).
+    """
+
+    spec: FitSpec
+    values: dict
+    chisqr: float
+    lmfit_result: object
+    table: object
+    intervals: dict
+    profiles: dict
+    stages: dict
+    counts: dict
+    ess: dict
+    grid: list
+    attrs: dict
+
+
+def _grid(p: ParameterSpec, n: int) -> np.ndarray:
+    if p.scale == "log":
+        return np.exp(np.linspace(math.log(p.min), math.log(p.max), n))
+    return np.linspace(p.min, p.max, n)
+
+
+def _profile(rf: RateFit, name: str, values: Mapping[str, float], chi_best: float,
+             starts: Mapping[tuple, Mapping[str, float]], st: Mapping, *, seed: int,
+             stderr=None):
+    """Profile of one population parameter.
+
+    Steps out from the optimum on each side (first step from the local standard error, else
+    1/20 of the range; doubling while Δχ² < 0.5) until Δχ² passes 3.84 or the bound is
+    reached, then bisects the crossing once.  At each value the other population parameters
+    are re-fitted on *every* simulated mechanistic point (``starts``: cohort cache key ->
+    that point's optimum, used as warm start) and the lowest χ² is kept, so a population
+    parameter confounded with a mechanistic one gets the wider, honest interval.
+    """
+    p = rf.spec.parameters[name]
+    best = values[name]
+    log_ = p.scale == "log"
+    to = (lambda x: math.log(x)) if log_ else (lambda x: x)
+    back = (lambda u: math.exp(u)) if log_ else (lambda u: u)
+    lo_u, hi_u, b_u = to(p.min), to(p.max), to(best)
+    h = (hi_u - lo_u) / 20.0
+    if stderr is not None and math.isfinite(stderr) and stderr > 0 and (best > 0 or not log_):
+        h_se = stderr / best if log_ else stderr
+        h = min(max(0.75 * h_se, (hi_u - lo_u) / 400.0), (hi_u - lo_u) / 4.0)
+    xs, chis = [], []
+    n_max = int(st["profile_points"])
+
+    def at(x, warm):
+        best_chi, out = math.inf, dict(warm)
+        for key, start in warm.items():
+            mech = dict(key)
+            data = rf.cohorts(mech)
+            pp = rf.parameters(dict(start, **mech))
+            _, pp = _fit_population(rf, pp, data, global_stage=False, stages=st, seed=seed,
+                                    fixed={name: float(x)})
+            v = dict(pp.valuesdict())
+            out[key] = v
+            chi = rf.chisqr(v, data)
+            best_chi = min(best_chi, chi)
+        return best_chi, out
+
+    for sign in (-1.0, 1.0):
+        warm = {k: dict(v) for k, v in starts.items()}
+        step, u_prev = h, b_u
+        for _ in range(n_max):
+            u = min(max(u_prev + sign * step, lo_u), hi_u)
+            if u == u_prev:
+                break
+            chi, warm = at(back(u), warm)
+            xs.append(back(u))
+            chis.append(chi)
+            d = chi - chi_best
+            if d >= CHI2_95:
+                um = 0.5 * (u + u_prev)  # one bisection of the crossing
+                chi_m, _ = at(back(um), warm)
+                xs.append(back(um))
+                chis.append(chi_m)
+                break
+            u_prev = u
+            step *= 2.0 if d < 0.5 else 1.0
+    xs.append(best)
+    chis.append(chi_best)
+    return xs, chis
+
+
+def _refine_1d(name: str, p: ParameterSpec, grid: list, best, at_mech, n_refine: int):
+    """Local stage for one mechanistic parameter: bisect the wider interval next to the best
+    simulated point (on the parameter's scale), ``n_refine`` times; each point re-fits the
+    population parameters locally.  Deterministic and robust to the small steps that the
+    finite cohort's discrete outcomes put into the objective."""
+    f = math.log if p.scale == "log" else (lambda x: x)
+    fi = math.exp if p.scale == "log" else (lambda u: u)
+    for _ in range(n_refine):
+        pts = sorted({float(g[name]): g["chisqr"] for g in grid}.items())
+        xs = [x for x, _ in pts]
+        i = xs.index(min(xs, key=lambda x: abs(x - best[1][name])))
+        left = f(xs[i]) - f(xs[i - 1]) if i > 0 else -1.0
+        right = f(xs[i + 1]) - f(xs[i]) if i + 1 < len(xs) else -1.0
+        if max(left, right) <= 1e-9:
+            break
+        u = f(xs[i]) - left / 2 if left >= right else f(xs[i]) + right / 2
+        chi, vals = at_mech({name: fi(u)}, best[1])
+        if chi < best[0]:
+            best = (chi, vals, None)
+    return best
+
+
+def _widen_by_mechanistic_profile(spec: FitSpec, m: str, grid: list, intervals: dict) -> None:
+    """Widen population-parameter intervals by their optimum along the mechanistic profile.
+
+    Population profiles re-fit the other population parameters only on mechanistic values
+    already simulated, which understates the interval of a population parameter that trades
+    off against the mechanistic one.  Every point of the mechanistic profile inside its
+    95 % interval carries a population optimum with Δχ² ≤ 3.84, so those optima (linearly
+    interpolated between simulated points, on each parameter's scale, out to the ends of the
+    mechanistic interval) belong to the population parameters' 95 % profile regions too.
+    """
+    pm = spec.parameters[m]
+    fm = math.log if pm.scale == "log" else (lambda x: x)
+    best = {}
+    for g in grid:
+        x = float(g[m])
+        if x not in best or g["chisqr"] < best[x]["chisqr"]:
+            best[x] = g
+    xs = sorted(best)
+    if len(xs) < 2:
+        return
+    lo_m, hi_m, _ = intervals[m]
+    probe = [x for x in xs if lo_m <= x <= hi_m] + [lo_m, hi_m]
+    u = np.array([fm(x) for x in xs])
+    for name in spec.population_parameters:
+        p = spec.parameters[name]
+        if not p.vary or name not in intervals:
+            continue
+        f = math.log if p.scale == "log" else (lambda x: x)
+        fi = math.exp if p.scale == "log" else (lambda x: x)
+        v = np.array([f(best[x]["values"][name]) for x in xs])
+        vals = [fi(float(np.interp(fm(x), u, v))) for x in probe]
+        lo, hi, flag = intervals[name]
+        intervals[name] = (min(lo, min(vals)), max(hi, max(vals)), flag)
+
+
+def _fit_population(rf: RateFit, params, data, *, global_stage: bool, stages: Mapping,
+                    seed: int, fixed: Mapping[str, float] | None = None):
+    """Fit the varied population parameters (mechanistic ones fixed) on given cohorts:
+    optionally lmfit differential evolution (global), then lmfit least squares (local)."""
+    import lmfit
+    ps = copy.deepcopy(params)
+    for name, p in rf.spec.parameters.items():
+        if p.kind == "mechanistic":
+            ps[name].vary = False
+    for k, v in (fixed or {}).items():
+        ps[k].set(value=v, vary=False)
+    if not any(p.vary for p in ps.values()):
+        return None, ps
+    mini = lmfit.Minimizer(rf.residual, ps, fcn_args=(data,), nan_policy="raise")
+    if global_stage:
+        # lmfit takes the generation limit from max_nfev and aborts with the *last* member
+        # when max_nfev evaluations are exceeded, so the evaluation cap is set out of reach
+        # and the generations are counted by scipy's callback (returning True stops DE with
+        # its best member)
+        generations = [0]
+        limit = int(stages["global_maxiter"])
+
+        def stop_after(*_args, **_kws):
+            generations[0] += 1
+            return generations[0] >= limit
+
+        res = mini.minimize(method="differential_evolution", max_nfev=10 ** 8,
+                            popsize=int(stages["global_popsize"]), seed=int(seed),
+                            polish=False, tol=0.01, atol=0.05, callback=stop_after)
+        ps = res.params
+    res = mini.minimize(method="least_squares", params=ps,
+                        max_nfev=int(stages["local_max_nfev"]))
+    return res, res.params
+
+
+def _interval(xs, chi, best_x, best_chi, p: ParameterSpec):
+    """95 % interval from a profile: where Δχ² first reaches 3.84 on each side of the optimum,
+    interpolated linearly in sqrt(Δχ²) (exact for a quadratic profile) on the parameter's
+    scale; a side that never reaches it is reported at the bound and flagged."""
+    xs, chi = np.asarray(xs, float), np.asarray(chi, float)
+    order = np.argsort(xs)
+    xs, chi = xs[order], chi[order]
+    r = np.sqrt(np.maximum(chi - best_chi, 0.0))
+    rc = math.sqrt(CHI2_95)
+    log_ = p.scale == "log"
+    f = np.log if log_ else (lambda v: v)
+    fi = np.exp if log_ else (lambda v: v)
+
+    def cross(sel):
+        # sel: indices ordered from the optimum outward
+        x0, r0 = best_x, 0.0
+        for i in sel:
+            if r[i] >= rc:
+                u0, u1 = f(x0), f(xs[i])
+                u = u0 + (rc - r0) * (u1 - u0) / (r[i] - r0) if r[i] != r0 else u1
+                return float(fi(u))
+            if r[i] >= r0:
+                x0, r0 = xs[i], r[i]
+        return None
+
+    lo = cross(np.flatnonzero(xs < best_x)[::-1])
+    hi = cross(np.flatnonzero(xs > best_x))
+    flags = []
+    if lo is None:
+        flags.append("unbounded below")
+        lo = p.min
+    if hi is None:
+        flags.append("unbounded above")
+        hi = p.max
+    flag = "not identified" if len(flags) == 2 else (flags[0] if flags else "")
+    return float(lo), float(hi), flag
+
+
+def run_fit(spec_or_path, *, progress: bool = False, profiles: bool = True,
+            callback=None) -> FitResult:
+    """Run the nested rate fit (global, local, profile stages; see the module docstring).
+
+    Parameters
+    ----------
+    spec_or_path
+        A fit file path or a loaded :class:`FitSpec`.
+    progress
+        Show simulation progress on stderr (stage messages go to ``logging``).
+    profiles
+        Compute profile likelihoods and intervals (the costliest optional stage).
+    callback
+        Called as ``callback(stage, message)`` at each step (e.g. to print progress).
+    """
+    import lmfit
+    spec = spec_or_path if isinstance(spec_or_path, FitSpec) else load_fit(spec_or_path)
+    say = callback or (lambda stage, msg: log.info("%s: %s", stage, msg))
+    stages_t: dict[str, float] = {}
+    t_all = time.perf_counter()
+    t0 = time.perf_counter()
+    rf = RateFit(spec, progress=progress, say=say)
+    stages_t["prepare (load, compile)"] = time.perf_counter() - t0
+    params0 = rf.parameters()
+    st = spec.stages
+    mech = [m for m in spec.mechanistic if spec.parameters[m].vary]
+    mech_fixed = {m: spec.parameters[m].value for m in spec.mechanistic}
+
+    # ---- global stage: grid over mechanistic values x DE over population parameters
+    t0 = time.perf_counter()
+    ev0 = rf.n_eval
+    if mech:
+        G = int(st["mechanistic_grid"])
+        if len(mech) == 1:
+            points = [{mech[0]: float(x)} for x in _grid(spec.parameters[mech[0]], G)]
+        else:
+            from scipy.stats import qmc
+            U = qmc.LatinHypercube(d=len(mech), seed=spec.seed).random(G * len(mech))
+            points = []
+            for u in U:
+                pt = {}
+                for k, m in enumerate(mech):
+                    p = spec.parameters[m]
+                    pt[m] = float(math.exp(math.log(p.min) + u[k] * (math.log(p.max) - math.log(p.min)))
+                                  if p.scale == "log" else p.min + u[k] * (p.max - p.min))
+                points.append(pt)
+    else:
+        points = [{}]
+    grid = []
+    best = None
+    for i, pt in enumerate(points):
+        mv = dict(mech_fixed, **pt)
+        data = rf.cohorts(mv)
+        ps = copy.deepcopy(params0)
+        for k, v in mv.items():
+            ps[k].value = v
+        res, ps = _fit_population(rf, ps, data, global_stage=True, stages=st, seed=spec.seed)
+        vals = ps.valuesdict()
+        chi = rf.chisqr(vals, data)
+        grid.append({"point": i, **mv, "chisqr": chi, "values": dict(vals)})
+        say("global", f"point {i + 1}/{len(points)} {mv}: chi2 = {chi:.3f}")
+        if best is None or chi < best[0]:
+            best = (chi, dict(vals), res)
+    stages_t["global (grid x differential evolution)"] = time.perf_counter() - t0
+    evals_global = rf.n_eval - ev0
+
+    # ---- local stage: Nelder-Mead over mechanistic values, local population refits
+    t0 = time.perf_counter()
+    ev0 = rf.n_eval
+    if mech:
+        def at_mech(mv_point, warm):
+            mv = dict(mech_fixed, **mv_point)
+            data = rf.cohorts(mv)
+            ps = rf.parameters(dict(warm, **mv))
+            _, ps = _fit_population(rf, ps, data, global_stage=False, stages=st, seed=spec.seed)
+            vals = ps.valuesdict()
+            chi = rf.chisqr(vals, data)
+            grid.append({"point": "local", **mv, "chisqr": chi, "values": dict(vals)})
+            say("local", f"{mv}: chi2 = {chi:.3f}")
+            return chi, dict(vals)
+
+        if len(mech) == 1:
+            best = _refine_1d(mech[0], spec.parameters[mech[0]], grid, best, at_mech,
+                              int(st["mechanistic_refine"]))
+        else:
+            best_local = [best[0], dict(best[1])]
+
+            def outer(ps_m):
+                chi, vals = at_mech({m: ps_m[m].value for m in mech}, best_local[1])
+                if chi < best_local[0]:
+                    best_local[:] = [chi, vals]
+                return math.sqrt(max(chi, 0.0))
+
+            pm = lmfit.Parameters()
+            for m in mech:
+                p = spec.parameters[m]
+                pm.add(m, value=best[1][m], min=p.min, max=p.max)
+            lmfit.Minimizer(outer, pm).minimize(method="nelder",
+                                                max_nfev=int(st["mechanistic_refine"]))
+            best = (best_local[0], best_local[1], None)
+    mv_best = {m: best[1][m] for m in spec.mechanistic}
+    data = rf.cohorts(mv_best)
+    ps = rf.parameters(best[1])
+    final, ps = _fit_population(rf, ps, data, global_stage=False, stages=st, seed=spec.seed)
+    values = dict(ps.valuesdict())
+    chi_best = rf.chisqr(values, data)
+    stages_t["local (Nelder-Mead on mechanistic, least squares on population)"] = \
+        time.perf_counter() - t0
+    evals_local = rf.n_eval - ev0
+    say("local", f"best chi2 = {chi_best:.3f}")
+
+    # ---- profiles
+    t0 = time.perf_counter()
+    ev0 = rf.n_eval
+    profs, intervals = {}, {}
+    import pandas as pd
+    starts = {}
+    for g in grid:  # inner optimum of every simulated mechanistic point (profile warm starts)
+        key = tuple((k, float(g[k])) for k in spec.mechanistic)
+        if key not in starts or g["chisqr"] < starts[key][0]:
+            starts[key] = (g["chisqr"], g["values"])
+    # only mechanistic points that could lie inside a 95 % region help a profile
+    starts = {k: v for k, (c, v) in starts.items() if c <= chi_best + 2 * CHI2_95}
+    starts[tuple((k, float(values[k])) for k in spec.mechanistic)] = dict(values)
+    if profiles:
+        for name in spec.population_parameters:
+            p = spec.parameters[name]
+            if not p.vary:
+                continue
+            se = getattr(final.params[name], "stderr", None) if final is not None else None
+            xs, chis = _profile(rf, name, values, chi_best, starts, st, seed=spec.seed, stderr=se)
+            df = pd.DataFrame({"value": xs, "chisqr": chis}).sort_values("value")
+            profs[name] = df.reset_index(drop=True)
+            intervals[name] = _interval(xs, chis, values[name], chi_best, p)
+            say("profile", f"{name}: 95% [{intervals[name][0]:.4g}, {intervals[name][1]:.4g}] "
+                           f"{intervals[name][2]}")
+        for m in mech:
+            rows = [g for g in grid if all(abs(g[k] - mv_best[k]) < 1e-15 or k == m
+                                            for k in mech)]
+            xs = [g[m] for g in rows]
+            chis = [g["chisqr"] for g in rows]
+            df = pd.DataFrame({"value": xs, "chisqr": chis}).drop_duplicates("value")
+            profs[m] = df.sort_values("value").reset_index(drop=True)
+            intervals[m] = _interval(df["value"].values, df["chisqr"].values, values[m],
+                                     chi_best, spec.parameters[m])
+            say("profile", f"{m}: 95% [{intervals[m][0]:.4g}, {intervals[m][1]:.4g}] "
+                           f"{intervals[m][2]}")
+        if len(mech) == 1 and mech[0] in intervals:
+            _widen_by_mechanistic_profile(spec, mech[0], grid, intervals)
+    stages_t["profiles"] = time.perf_counter() - t0
+    evals_prof = rf.n_eval - ev0
+
+    # ---- table (fitted + held-out)
+    stats, ess = rf.simulate_statistics(values, data)
+    table = target_table(spec, rf.likelihood, stats)
+    total = time.perf_counter() - t_all
+    stages_t["total"] = total
+    attrs = {
+        "fit_name": spec.name,
+        "fit_file": spec.file,
+        "fit_file_sha256": spec.sha256,
+        "targets_file": spec.targets.path,
+        "targets_sha256": hashlib.sha256(Path(spec.targets.path).read_bytes()).hexdigest(),
+        "seed": spec.seed,
+        "cohort": dict(spec.cohort),
+        "stages_settings": dict(spec.stages),
+        "arms": {a: {**d.cohort.attrs, "n": d.cohort.size,
+                     "trial_file": spec.arms[a].trial_file,
+                     "solver": json.loads(json.dumps(spec.arms[a].trial.get("solver", {})))}
+                 for a, d in data.items()},
+        "immunoode_version": _version(),
+    }
+    counts = {"objective_evaluations": rf.n_eval, "global_evaluations": evals_global,
+              "local_evaluations": evals_local, "profile_evaluations": evals_prof,
+              "cohort_simulations": rf.n_sim,
+              "simulated_patients": int(sum(d.cohort.size for d in data.values()))
+              * max(1, len(rf._cache)),
+              "simulation_seconds": rf.sim_time,
+              "reweighting_evaluations_per_second":
+                  (rf.n_eval / max(total - rf.sim_time, 1e-9))}
+    return FitResult(spec, values, chi_best, final, table, intervals, profs, stages_t, counts,
+                     ess, grid, attrs)
+
+
+def _version() -> str:
+    try:
+        from .. import __version__
+        return str(__version__)
+    except ImportError:  # pragma: no cover
+        return "unknown"
+
+
+def target_table(spec: FitSpec, likelihood: Likelihood, stats: Mapping[str, tuple]):
+    """Every target against its simulated value (pandas DataFrame, fractions)."""
+    import pandas as pd
+    rows = []
+    groups = likelihood.groups
+    for t in spec.targets:
+        x, se = stats[t.id]
+        lo, hi = t.bounds()
+        if t.kind == "binomial":
+            from scipy.stats import beta as _beta
+            k = t.value * t.n
+            lo = float(_beta.ppf(0.025, k, t.n - k + 1)) if k > 0 else 0.0
+            hi = float(_beta.ppf(0.975, k + 1, t.n - k)) if k < t.n else 1.0
+        met = bool(lo - 1e-12 <= x <= hi + 1e-12) if math.isfinite(x) else False
+        if t.kind == "point" or t.kind == "multinomial":
+            met = bool(abs(x - t.observed) <= 0.05) if math.isfinite(x) else False
+        if t.role == "fit" and t.kind != "multinomial":
+            nll = likelihood.term(t, x if math.isfinite(x) else 0.5)
+        elif t.role == "fit":  # the group's term, reported on each of its rows
+            g = groups[f"{t.arm}/{t.group}"]
+            nll = multinomial_nll(np.array([stats[r.id][0] for r in g]), [r.value for r in g],
+                                  g[0].n)
+        else:
+            nll = math.nan
+        rows.append({"id": t.id, "arm": t.arm, "statistic": t.statistic, "role": t.role,
+                     "kind": t.kind, "observed": t.observed, "low": lo, "high": hi,
+                     "n": t.n, "simulated": x, "mc_se": se, "nll": nll, "met": met,
+                     "source_ids": t.source_ids, "trial_or_study": t.trial_or_study})
+    return pd.DataFrame(rows)

@@ -1,0 +1,290 @@
+"""Stage 7e — fit report. Consumes a :class:`~.fit.FitResult`; produces files: fitted
+parameters as TOML (a population spec for trial files and a model file per arm model that
+overrides the fitted mechanistic parameters), the lmfit report, the target-vs-simulated
+table (CSV), plots (targets vs simulated per arm, profiles) and a JSON summary with stage
+timings and evaluation counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["fit_report", "write_fit_outputs", "targets_vs_simulated_plot", "profiles_plot"]
+
+
+def _fmt(x, pct=True):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{100 * x:5.1f}" if pct else f"{x:.4g}"
+
+
+def fit_report(result) -> str:
+    """A text report in the spirit of lmfit's ``fit_report``: fit statistics, parameters
+    with profile intervals and flags, every target against its simulation, held-out
+    predictions, stage timings and evaluation counts."""
+    spec = result.spec
+    lines = [f"[[Fit]] {spec.name}  ({spec.file})",
+             f"    seed                 = {spec.seed}",
+             f"    arms                 = {', '.join(spec.arms)}",
+             f"    plausible cohort     = {spec.cohort['n']} per arm ({spec.cohort['method']})",
+             f"    2*NLL (deviance)     = {result.chisqr:.4f}",
+             f"    fitted terms         = {len(result.table[result.table.role == 'fit'])} targets",
+             f"    effective sample size: " + ", ".join(f"{a} {e:.0f}" for a, e in
+                                                         result.ess.items()),
+             "[[Variables]]  (95% profile-likelihood intervals, Δχ² = 3.84)"]
+    for name, p in spec.parameters.items():
+        v = result.values[name]
+        if not p.vary:
+            lines.append(f"    {name:<22} = {v:.5g} (fixed)")
+            continue
+        lo, hi, flag = result.intervals.get(name, (math.nan, math.nan, "no profile"))
+        at = " (at bound)" if (abs(v - p.min) <= 1e-6 * max(1, abs(p.min))
+                               or abs(v - p.max) <= 1e-6 * max(1, abs(p.max))) else ""
+        note = f"  ** {flag} **" if flag else ""
+        lines.append(f"    {name:<22} = {v:.5g}  [{lo:.4g}, {hi:.4g}]  ({p.kind}){at}{note}")
+    unid = [k for k, (_, _, f) in result.intervals.items() if f]
+    if unid:
+        lines.append("    Not (fully) identified by the targets: " + ", ".join(
+            f"{k} ({result.intervals[k][2]})" for k in unid))
+    lines.append("[[Targets]]  (percent; interval = published range or exact 95% CI of k/n)")
+    lines.append(f"    {'id':<4} {'arm':<13} {'statistic':<17} {'role':<8} {'observed':>8} "
+                 f"{'interval':>15} {'simulated':>9} {'±MC se':>7} {'met':>4}")
+    for _, r in result.table.iterrows():
+        lines.append(f"    {r['id']:<4} {r['arm']:<13} {r['statistic']:<17} {r['role']:<8} "
+                     f"{_fmt(r['observed']):>8} {_fmt(r['low']):>7}-{_fmt(r['high']):<7} "
+                     f"{_fmt(r['simulated']):>9} {_fmt(r['mc_se']):>7} "
+                     f"{'yes' if r['met'] else 'NO':>4}")
+    fit_rows = result.table[result.table.role == "fit"]
+    held = result.table[result.table.role == "heldout"]
+    lines.append(f"    fitted targets met: {int(fit_rows.met.sum())}/{len(fit_rows)}; held-out "
+                 f"predictions inside the published interval: {int(held.met.sum())}/{len(held)}")
+    lines.append("[[Stages]]  (wall-clock seconds)")
+    for k, v in result.stages.items():
+        lines.append(f"    {k:<62} {v:9.1f}")
+    lines.append("[[Counts]]")
+    for k, v in result.counts.items():
+        lines.append(f"    {k:<36} = {v:.6g}" if isinstance(v, float) else f"    {k:<36} = {v}")
+    if result.lmfit_result is not None:
+        import lmfit
+        lines.append("[[lmfit report of the final local stage (population parameters)]]")
+        lines.append(lmfit.fit_report(result.lmfit_result, show_correl=False))
+    return "\n".join(lines)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    return repr(float(v))
+
+
+def fitted_population_toml(result) -> str:
+    """The fitted population as a ``[population.parameters]`` spec (one per arm covariate
+    setting), loadable by :func:`immunoode.sampling.load_population_spec` and trial files."""
+    spec = result.spec
+    out = [f"# Fitted population of {spec.name} ({spec.file}), seed {spec.seed}.",
+           "# Lognormal target distributions of the re-weighted patient variables, per arm",
+           "# (arm covariates applied). Paste one arm's table into a trial file's",
+           "# [population.parameters], or load it with immunoode.sampling.load_population_spec.",
+           ""]
+    vals = result.values
+    for arm in spec.arms.values():
+        out.append(f"# arm {arm.name}: {arm.label}")
+        for v in spec.population.variables:
+            loc = vals[v.location] if isinstance(v.location, str) else float(v.location)
+            spr = vals[v.spread] if isinstance(v.spread, str) else float(v.spread)
+            shift = sum((vals[e] if isinstance(e, str) else float(e)) * float(arm.covariates.get(c, 0))
+                        for c, e in v.effects if c in arm.covariates)
+            plaus = arm.trial["population"]["parameters"][v.name]
+            lo = plaus.get("lower", plaus.get("low"))
+            hi = plaus.get("upper", plaus.get("high"))
+            out.append(f"[{arm.name}.parameters.{v.name}]")
+            if v.dist == "lognormal":
+                out += ['dist = "lognormal"', f"median = {_toml_value(loc * math.exp(shift))}",
+                        f"cv = {_toml_value(spr)}"]
+            else:
+                out += ['dist = "normal"', f"mean = {_toml_value(loc + shift)}",
+                        f"sd = {_toml_value(spr)}"]
+            if lo is not None:
+                out.append(f"lower = {_toml_value(lo)}")
+            if hi is not None:
+                out.append(f"upper = {_toml_value(hi)}")
+            out.append("")
+    return "\n".join(out)
+
+
+def fitted_model_toml(result, model_name: str, model_path: str, units: dict) -> str:
+    """A model file that includes ``model_path`` and overrides the fitted mechanistic
+    parameters (loadable by :func:`immunoode.load_model`)."""
+    spec = result.spec
+    lines = [f"# {model_name} with the mechanistic parameters fitted by {spec.name}",
+             f"# ({Path(spec.file).name}, seed {spec.seed}); 95% profile intervals in 'source'.",
+             "[model]", f'name = "{model_name}_fitted"', 'time_unit = "day"',
+             f"include = [{json.dumps(model_path)}]", "", "[parameters]"]
+    for m in spec.mechanistic:
+        lo, hi, flag = result.intervals.get(m, (math.nan, math.nan, ""))
+        src = (f"fitted by immunoode fit {Path(spec.file).name} (seed {spec.seed}); 95% profile "
+               f"interval [{lo:.4g}, {hi:.4g}]{'; ' + flag if flag else ''}")
+        lines.append(f"{m} = {{ value = {_toml_value(result.values[m])}, unit = "
+                     f"{json.dumps(units[m])}, override = true, source = {json.dumps(src)} }}")
+    return "\n".join(lines) + "\n"
+
+
+def fitted_parameters_toml(result) -> str:
+    """All fitted values with intervals and flags (a plain TOML table per parameter)."""
+    lines = [f"# Fitted parameters of {result.spec.name}; 2*NLL = {result.chisqr:.4f}", ""]
+    for name, p in result.spec.parameters.items():
+        lo, hi, flag = result.intervals.get(name, (math.nan, math.nan, "no profile"))
+        lines += [f"[{name}]", f'kind = "{p.kind}"', f"value = {_toml_value(result.values[name])}",
+                  f"vary = {_toml_value(p.vary)}"]
+        if p.vary and math.isfinite(lo):
+            lines += [f"ci95_low = {_toml_value(lo)}", f"ci95_high = {_toml_value(hi)}"]
+        lines += [f"flag = {json.dumps(flag)}", ""]
+    return "\n".join(lines)
+
+
+def targets_vs_simulated_plot(result, ax=None):
+    """Per arm: published value/interval (grey) vs simulated value ± 2 MC se (colour).
+
+    Returns ``(fig, axes)``.
+    """
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    tab = result.table
+    arms = list(result.spec.arms)
+    fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 4.2), squeeze=False)
+    for ax_, arm in zip(axes[0], arms):
+        rows = tab[tab.arm == arm].reset_index(drop=True)
+        for i, r in rows.iterrows():
+            ax_.plot([i, i], [100 * r["low"], 100 * r["high"]], color="0.6", lw=6,
+                     solid_capstyle="butt")
+            ax_.plot(i, 100 * r["observed"], "k_", ms=14)
+            col = "tab:blue" if r["role"] == "fit" else "tab:orange"
+            se = r["mc_se"] if math.isfinite(r["mc_se"]) else 0.0
+            ax_.errorbar(i, 100 * r["simulated"], yerr=200 * se, fmt="o", color=col)
+        ax_.set_xticks(range(len(rows)))
+        ax_.set_xticklabels([f"{r['id']}\n{r['statistic']}" for _, r in rows.iterrows()],
+                            rotation=60, fontsize=7)
+        ax_.set_ylim(0, 100)
+        ax_.set_title(result.spec.arms[arm].label, fontsize=9)
+        ax_.set_ylabel("percent")
+    axes[0][0].legend(handles=[
+        plt.Line2D([], [], color="0.6", lw=6, label="published range / 95% CI"),
+        plt.Line2D([], [], color="tab:blue", marker="o", ls="", label="simulated (fitted)"),
+        plt.Line2D([], [], color="tab:orange", marker="o", ls="", label="simulated (held out)")],
+        fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return fig, axes
+
+
+def profiles_plot(result):
+    """Profile likelihood (Δχ²) of every profiled parameter, with the 3.84 threshold.
+
+    Returns ``(fig, axes)``.
+    """
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from .fit import CHI2_95
+    names = list(result.profiles)
+    if not names:
+        fig, ax = plt.subplots()
+        ax.text(0.5, 0.5, "no profiles", ha="center")
+        return fig, np.array([[ax]])
+    ncol = min(4, len(names))
+    nrow = int(math.ceil(len(names) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.0 * nrow), squeeze=False)
+    for ax_, name in zip(axes.flat, names):
+        df = result.profiles[name]
+        ax_.plot(df["value"], df["chisqr"] - result.chisqr, "o-", ms=3)
+        ax_.axhline(CHI2_95, color="r", ls="--", lw=0.8)
+        ax_.axvline(result.values[name], color="k", lw=0.8)
+        if result.spec.parameters[name].scale == "log":
+            ax_.set_xscale("log")
+        flag = result.intervals.get(name, (0, 0, ""))[2]
+        ax_.set_title(name + (f"\n({flag})" if flag else ""), fontsize=8)
+        ax_.set_ylabel("Δχ²")
+    for ax_ in list(axes.flat)[len(names):]:
+        ax_.set_visible(False)
+    fig.tight_layout()
+    return fig, axes
+
+
+def write_fit_outputs(result, out_dir) -> list[Path]:
+    """Write every output of a fit into ``out_dir`` and return the paths.
+
+    Files: ``report.txt``, ``targets_vs_simulated.csv``, ``fitted_parameters.toml``,
+    ``fitted_population.toml``, ``fitted_model_<model>.toml`` (one per arm model),
+    ``profiles.csv``, ``summary.json`` (timings, counts, provenance),
+    ``targets_vs_simulated.png``, ``profiles.png``.
+    """
+    import matplotlib.pyplot as plt
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+
+    def put(name, text):
+        p = out / name
+        p.write_text(text, encoding="utf-8")
+        files.append(p)
+
+    put("report.txt", fit_report(result) + "\n")
+    tab = result.table.copy()
+    for c in ("observed", "low", "high", "simulated", "mc_se"):
+        tab[c + "_pct"] = 100 * tab.pop(c)
+    p = out / "targets_vs_simulated.csv"
+    tab.to_csv(p, index=False, float_format="%.4g")
+    files.append(p)
+    put("fitted_parameters.toml", fitted_parameters_toml(result))
+    put("fitted_population.toml", fitted_population_toml(result))
+    if result.spec.mechanistic:
+        from ..modelfile import load_model
+        seen = set()
+        for arm in result.spec.arms.values():
+            model = arm.trial["trial"]["model"]
+            from ..cli import resolve_model_path
+            base = Path(arm.trial["_base"])
+            mp = Path(str(model))
+            mp = (base / mp) if (not mp.is_absolute() and (base / mp).exists()) else \
+                resolve_model_path(str(model))
+            if str(mp) in seen:
+                continue
+            seen.add(str(mp))
+            m = load_model(mp)
+            units = {k: m.parameters[k].unit for k in result.spec.mechanistic}
+            rel = Path(_relpath(mp, out))
+            put(f"fitted_model_{m.name}.toml", fitted_model_toml(result, m.name, rel.as_posix(),
+                                                                 units))
+    import pandas as pd
+    if result.profiles:
+        prof = pd.concat([df.assign(parameter=k) for k, df in result.profiles.items()])
+        prof["delta_chisqr"] = prof["chisqr"] - result.chisqr
+        p = out / "profiles.csv"
+        prof[["parameter", "value", "chisqr", "delta_chisqr"]].to_csv(p, index=False,
+                                                                       float_format="%.6g")
+        files.append(p)
+    summary = {"fit": result.spec.name, "chisqr": result.chisqr, "values": result.values,
+               "intervals": {k: list(v) for k, v in result.intervals.items()},
+               "stages_seconds": result.stages, "counts": result.counts, "ess": result.ess,
+               "grid": result.grid, "provenance": result.attrs}
+    put("summary.json", json.dumps(summary, indent=1, default=str))
+    for name, fn in (("targets_vs_simulated.png", targets_vs_simulated_plot),
+                     ("profiles.png", profiles_plot)):
+        fig, _ = fn(result)
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(out / name)
+    return files
+
+
+def _relpath(target: Path, start: Path) -> str:
+    import os
+    return os.path.relpath(Path(target).resolve(), Path(start).resolve())

@@ -1,0 +1,529 @@
+"""Stage 7 — scenarios.  Consumes a sweep file (TOML) or the same mapping; produces a
+validated :class:`SweepSpec` and its list of :class:`Scenario` (one regimen / policy /
+subgroup each, all applied to the same virtual population).
+
+A sweep file::
+
+    [sweep]
+    name = "interval x duration"
+    model = "nsclc_io"                  # model file or built-in name
+    parameters = "fit.toml"             # optional: [parameters] name = value (fitted set)
+    trial = "nsclc_1l_pembrolizumab"    # population, scans, [map], [response], [solver]
+    n = 200                             # virtual patients (the same for every scenario)
+    seed = 1
+    block = 50                          # patients per chunk (unit of work and of resume)
+    design = "grid"                     # grid | one_at_a_time | sampled
+    n_scenarios = 8                     # sampled design only
+
+    [treatments.pembrolizumab]          # every drug a factor or policy may name
+    regimen = "nsclc_pembrolizumab_200mg_q3w"
+    class = "ICI"                       # ICI | ICI+ICI | chemo | TKI | anti-angiogenic
+
+    [base]                              # factor values shared by every scenario
+    first_line = "pembrolizumab"
+
+    [factors]                           # the values each factor takes
+    interval = [21, 42]
+    duration = [365, 730]
+
+Factors (and their defaults) are listed in :data:`FACTORS`.  Everything is checked before
+any work: an unknown factor, an empty list, an unknown treatment, regimen, policy or
+subgroup raises :class:`SweepError` naming the file and the item.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import ImmunoodeError, ModelError
+
+__all__ = ["SweepError", "SweepSpec", "Scenario", "FACTORS", "load_sweep", "build_scenarios",
+           "TREATMENT_CLASSES"]
+
+
+class SweepError(ModelError):
+    """A sweep file is invalid (the message names the file, section and item)."""
+
+
+#: factor name -> (default, kind, description)
+FACTORS: dict[str, tuple[Any, str, str]] = {
+    "first_line": (None, "treatment", "treatment given first (a [treatments] name)"),
+    "dose": (None, "positive", "[regimen unit] amount per administration of the first-line doses"),
+    "dose_scale": (1.0, "positive", "[1] multiplier of every first-line dose amount"),
+    "interval": (None, "positive", "[day] interval between first-line administrations"),
+    "start_day": (0.0, "nonneg", "[day] day of the first first-line administration"),
+    "duration": (None, "positive", "[day] first-line treatment duration (last dose before start + duration)"),
+    "added_drug": ("none", "treatment_or_none", "treatment added to the first line, or 'none'"),
+    "sequence": ("concurrent", ("concurrent", "first_line_first", "added_first"),
+                 "order of first line and added drug"),
+    "rt_fractions": (0, "count", "[1] number of radiotherapy fractions (0 = none)"),
+    "rt_dose_gy": (8.0, "positive", "[Gy] radiotherapy dose per fraction"),
+    "rt_day": (0.0, "real", "[day] first fraction, relative to the first-line start"),
+    "rt_every": (1.0, "positive", "[day] days between fractions"),
+    "subgroup": ("all", "subgroup", "population subgroup ('all' or a [subgroups] name)"),
+    "policy": ("none", "policy", "adaptive policy ('none', a built-in or a [policies] name)"),
+}
+
+TREATMENT_CLASSES = ("ICI", "ICI+ICI", "chemo", "TKI", "anti-angiogenic", "ICI+chemo",
+                     "ICI+ICI+chemo", "ICI+TKI", "ICI+anti-angiogenic")
+_SWEEP_KEYS = {"name", "model", "parameters", "trial", "n", "seed", "block", "design",
+               "n_scenarios", "reference", "description", "follow_up", "objective",
+               "lesion_observable", "diameter_unit", "method"}
+_SECTIONS = {"sweep", "treatments", "base", "factors", "radiotherapy", "toxicity", "policies",
+             "subgroups", "population", "scans", "map", "response", "solver", "gsa", "optimize"}
+_DESIGNS = ("grid", "one_at_a_time", "sampled", "gsa", "optimize")
+
+
+def _suggest(name, options) -> str:
+    import difflib
+    m = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.5)
+    return f" (did you mean {m[0]!r}?)" if m else ""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One scenario: a full set of factor values.
+
+    Attributes
+    ----------
+    index : position in the sweep (0-based).
+    name : short label built from the factors that differ from the base.
+    factors : every factor of :data:`FACTORS` with its value.
+    """
+
+    index: int
+    name: str
+    factors: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A validated sweep file.
+
+    Attributes
+    ----------
+    data : the normalised sweep (JSON-able; relative paths resolved to absolute).
+    file : the sweep file, or None for a mapping.
+    scenarios : the design's scenarios (empty for ``gsa`` / ``optimize``).
+    """
+
+    data: Mapping[str, Any]
+    file: str | None
+    scenarios: tuple[Scenario, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        return str(self.data["sweep"]["name"])
+
+    def fingerprint(self) -> str:
+        """Content hash of everything that determines the results (resume key)."""
+        text = json.dumps([self.data, [dict(sc.factors) for sc in self.scenarios]], sort_keys=True,
+                          default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+# --------------------------------------------------------------------------- loading
+def _read(spec_or_path) -> tuple[dict, str | None, Path]:
+    if isinstance(spec_or_path, (str, Path)):
+        file = Path(spec_or_path)
+        if not file.exists():
+            raise SweepError("no such sweep file", file=file)
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise SweepError(f"invalid TOML: {exc}", file=file) from None
+        return data, str(file), file.resolve().parent
+    if isinstance(spec_or_path, Mapping):
+        data = copy.deepcopy(dict(spec_or_path))
+        base = Path(data.pop("_base", Path.cwd()))
+        return data, None, base
+    raise TypeError("load_sweep needs a sweep file path or a mapping")
+
+
+def _resolve_file(value: str, base: Path, kind: str, file, section, item) -> str:
+    from ..cli import builtin_dir
+    p = Path(value)
+    if p.is_absolute() and p.exists():
+        return str(p)
+    if (base / p).exists():
+        return str((base / p).resolve())
+    folder = {"model": builtin_dir(), "regimen": builtin_dir() / "regimens",
+              "trial": builtin_dir() / "trials"}.get(kind)
+    if folder is not None and (folder / f"{value}.toml").exists():
+        return str(folder / f"{value}.toml")
+    known = sorted(f.stem for f in folder.glob("*.toml")) if folder is not None else []
+    raise SweepError(f"no such {kind} file or built-in {kind} {value!r}{_suggest(value, known)}",
+                     file=file, section=section, item=item)
+
+
+def _check_keys(d: Mapping, allowed, file, section) -> None:
+    for k in d:
+        if k not in allowed:
+            raise SweepError(f"unknown key{_suggest(k, sorted(allowed))}", file=file,
+                             section=section, item=k)
+
+
+def _load_parameters(path: str, file) -> dict[str, float]:
+    """A parameter file: ``[parameters] name = value`` (or ``{ value = ... }``)."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SweepError(f"cannot read parameter file {path}: {exc}", file=file, section="sweep",
+                         item="parameters") from None
+    table = data.get("parameters", data)
+    out = {}
+    for k, v in table.items():
+        if isinstance(v, Mapping):
+            v = v.get("value")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise SweepError(f"parameter value must be a finite number, got {v!r}",
+                             file=path, section="parameters", item=k)
+        out[str(k)] = float(v)
+    return out
+
+
+def load_sweep(spec_or_path, *, policies: Mapping[str, Any] | None = None) -> SweepSpec:
+    """Read and validate a sweep file (or mapping) and expand its design.
+
+    Parameters
+    ----------
+    spec_or_path : sweep TOML file or the same mapping (``_base`` = folder for relative paths).
+    policies : extra policies given as Python objects (``name -> AbstractPolicy`` or
+        callable); they may be named by the ``policy`` factor.
+
+    Raises
+    ------
+    SweepError
+        Unknown section, key or factor; empty factor list; unknown treatment, regimen,
+        policy or subgroup; a model that lacks a dose target.  Raised before any work.
+    """
+    data, file, base = _read(spec_or_path)
+    _check_keys(data, _SECTIONS, file, "(top level)")
+    sw = dict(data.get("sweep", {}))
+    _check_keys(sw, _SWEEP_KEYS, file, "sweep")
+    for req in ("model",):
+        if req not in sw:
+            raise SweepError(f"missing {req!r}", file=file, section="sweep", item=req)
+    sw.setdefault("name", Path(file).stem if file else "sweep")
+    sw["model"] = _resolve_file(str(sw["model"]), base, "model", file, "sweep", "model")
+    if "trial" in sw:
+        sw["trial"] = _resolve_file(str(sw["trial"]), base, "trial", file, "sweep", "trial")
+    elif "population" not in data:
+        raise SweepError("give 'trial' (a trial file: population, scans, map) or an inline "
+                         "[population] section", file=file, section="sweep", item="trial")
+    if "parameters" in sw:
+        sw["parameters"] = _resolve_file(str(sw["parameters"]), base, "parameter", file, "sweep",
+                                         "parameters")
+        sw["parameter_values"] = _load_parameters(sw["parameters"], file)
+    else:
+        sw["parameter_values"] = {}
+    for key, default in (("n", 100), ("seed", 0), ("block", 50)):
+        v = sw.setdefault(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "seed" else 1):
+            raise SweepError(f"must be a {'non-negative' if key == 'seed' else 'positive'} integer, "
+                             f"got {v!r}", file=file, section="sweep", item=key)
+    if "objective" in sw:
+        from .summary import METRICS
+        if sw["objective"] not in METRICS:
+            raise SweepError(f"unknown metric {sw['objective']!r}{_suggest(sw['objective'], METRICS)}; "
+                             f"choose one of {', '.join(METRICS)}", file=file, section="sweep",
+                             item="objective")
+    sw.setdefault("design", "grid")
+    if sw["design"] not in _DESIGNS:
+        raise SweepError(f"unknown design {sw['design']!r}; choose one of {', '.join(_DESIGNS)}",
+                         file=file, section="sweep", item="design")
+
+    # trial file supplies population / scans / map / response / solver; inline sections win
+    from ..trial import TrialError, load_trial
+    tdata = tomllib.loads(Path(sw["trial"]).read_text(encoding="utf-8")) if "trial" in sw else {}
+    for sec in ("population", "scans", "map", "response", "solver"):
+        if sec in data:
+            tdata[sec] = data[sec]
+    tdata.setdefault("trial", {})
+    if "follow_up" in sw:
+        tdata["trial"]["follow_up"] = sw["follow_up"]
+    tdata["trial"]["model"] = sw["model"]
+    for key in ("lesion_observable", "diameter_unit", "method"):
+        if key in sw:
+            tdata["trial"][key] = sw[key]
+    tdata["_base"] = str(Path(sw["trial"]).parent) if "trial" in sw else str(base)
+    try:
+        trial = load_trial(tdata)
+    except TrialError as exc:
+        raise exc.located(file=file or sw.get("trial")) from None
+    trial.pop("_base", None)
+    trial.pop("_file", None)
+    trial["trial"].pop("regimen", None)
+
+    model = _model_for_validation(sw["model"])
+    states = set(model.state_names)
+    params = set(model.parameter_names)
+    for k in sw["parameter_values"]:
+        if k not in params:
+            raise SweepError(f"not a parameter of model {model.name!r}{_suggest(k, params)}",
+                             file=sw["parameters"], section="parameters", item=k)
+
+    treatments = _treatments(data.get("treatments", {}), base, file, states)
+    rt = _radiotherapy(data.get("radiotherapy", {}), file, states)
+    tox = _toxicity(data.get("toxicity", {}), file)
+    subgroups = _subgroups(data.get("subgroups", {}), trial, file)
+    from .policy import BUILTIN_POLICIES, rule_policy_from_table
+    pol_tables = dict(data.get("policies", {}))
+    for name, table in pol_tables.items():
+        if name in BUILTIN_POLICIES:
+            raise SweepError("redefines a built-in policy; choose another name", file=file,
+                             section="policies", item=name)
+        rule_policy_from_table(name, table, treatments, file=file)  # validates
+    python_policies = dict(policies or {})
+    known_policies = {"none", *BUILTIN_POLICIES, *pol_tables, *python_policies}
+
+    base_f = dict(data.get("base", {}))
+    factors = dict(data.get("factors", {}))
+    for section, table in (("base", base_f), ("factors", factors)):
+        for k in table:
+            if k not in FACTORS:
+                raise SweepError(f"unknown factor{_suggest(k, FACTORS)}; known factors: "
+                                 f"{', '.join(FACTORS)}", file=file, section=section, item=k)
+    for k, vals in factors.items():
+        if not isinstance(vals, list):
+            raise SweepError(f"a factor takes a list of values, got {vals!r}", file=file,
+                             section="factors", item=k)
+        if not vals:
+            raise SweepError("empty list of values: the design would have no scenario", file=file,
+                             section="factors", item=k)
+    ctx = dict(treatments=treatments, subgroups=subgroups, policies=known_policies, file=file)
+    full_base = {k: v[0] for k, v in FACTORS.items()}
+    full_base.update({k: _check_value(k, v, ctx, "base") for k, v in base_f.items()})
+    factors = {k: [_check_value(k, v, ctx, "factors") for v in vals] for k, vals in factors.items()}
+    if full_base["first_line"] is None and not factors.get("first_line"):
+        raise SweepError("no first-line treatment: set [base] first_line = NAME (a [treatments] name)",
+                         file=file, section="base", item="first_line")
+
+    out = {"sweep": sw, "trial": trial, "treatments": treatments, "radiotherapy": rt,
+           "toxicity": tox, "subgroups": subgroups, "policies": pol_tables,
+           "python_policies": sorted(python_policies), "base": full_base, "factors": factors,
+           "gsa": dict(data.get("gsa", {})), "optimize": dict(data.get("optimize", {}))}
+    scenarios = tuple(build_scenarios(out, file=file)) if sw["design"] in ("grid", "one_at_a_time",
+                                                                            "sampled") else ()
+    for sc in scenarios:
+        _check_scenario(sc, out, file)
+    return SweepSpec(out, file, scenarios)
+
+
+def _model_for_validation(path: str):
+    from ..sbml import load_any_model
+    try:
+        return load_any_model(Path(path))
+    except ImmunoodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - report any loader failure with the path
+        raise SweepError(f"cannot load model: {exc}", file=path) from None
+
+
+def _treatments(table: Mapping, base: Path, file, states: set) -> dict:
+    from ..regimen import RegimenError, load_regimen
+    if not isinstance(table, Mapping):
+        raise SweepError("[treatments] must be a table of tables", file=file)
+    out = {}
+    for name, t in table.items():
+        if not isinstance(t, Mapping):
+            raise SweepError("must be a table with 'regimen' and 'class'", file=file,
+                             section="treatments", item=name)
+        _check_keys(t, {"regimen", "class", "description"}, file, f"treatments.{name}")
+        if "regimen" not in t:
+            raise SweepError("missing 'regimen' (a regimen file or built-in name)", file=file,
+                             section="treatments", item=name)
+        klass = t.get("class", "ICI")
+        if klass not in TREATMENT_CLASSES:
+            raise SweepError(f"unknown class {klass!r}; choose one of {', '.join(TREATMENT_CLASSES)}",
+                             file=file, section="treatments", item=name)
+        path = _resolve_file(str(t["regimen"]), base, "regimen", file, "treatments", name)
+        try:
+            reg = load_regimen(path)
+        except RegimenError as exc:
+            raise SweepError(f"regimen {path}: {exc}", file=file, section="treatments",
+                             item=name) from None
+        for it in reg.items:
+            tg = (it.target,) if hasattr(it, "amount") else it.targets
+            for s in tg:
+                if s not in states:
+                    raise SweepError(f"regimen {Path(path).name} doses state {s!r}, which the model "
+                                     f"does not have (the drug is not in the model; add its PK "
+                                     f"module){_suggest(s, states)}", file=file,
+                                     section="treatments", item=name)
+        out[str(name)] = {"regimen": path, "class": klass, "items": reg.to_dict()}
+    return out
+
+
+def _radiotherapy(t: Mapping, file, states: set) -> dict:
+    _check_keys(t, {"targets", "alpha", "beta", "source"}, file, "radiotherapy")
+    out = {"targets": list(t.get("targets", ["Ts", "Tr"])), "alpha": float(t.get("alpha", 0.3)),
+           "beta": float(t.get("beta", 0.03)),
+           "source": t.get("source", "alpha 0.3/Gy (recalled), alpha/beta 10 Gy (confirmed): "
+                                     "shared/treatments chemo_rt_vegf.csv radiotherapy rows")}
+    for s in out["targets"]:
+        if s not in states:
+            raise SweepError(f"not a model state{_suggest(s, states)}", file=file,
+                             section="radiotherapy", item=s)
+    if out["alpha"] < 0 or out["beta"] < 0:
+        raise SweepError("alpha and beta must be >= 0", file=file, section="radiotherapy")
+    return out
+
+
+def _toxicity(t: Mapping, file) -> dict:
+    _check_keys(t, {"enabled", "hold_days", "reference_exposure_days", "table"}, file, "toxicity")
+    out = {"enabled": bool(t.get("enabled", False)), "hold_days": float(t.get("hold_days", 42.0))}
+    from .toxicity import load_toxicity_table
+    table = load_toxicity_table(t.get("table"))
+    if "reference_exposure_days" in t:
+        for row in table.values():
+            row["reference_exposure_days"] = float(t["reference_exposure_days"])
+    out["table"] = table
+    return out
+
+
+def _subgroups(table: Mapping, trial: Mapping, file) -> dict:
+    from ..sampling import sample_population
+    names = set(sample_population(trial["population"], 4, seed=0).data_vars)
+    out = {}
+    for name, cond in table.items():
+        if name == "all":
+            raise SweepError("'all' is reserved (the whole population)", file=file,
+                             section="subgroups", item=name)
+        if not isinstance(cond, Mapping) or not cond:
+            raise SweepError("a subgroup is a table: variable = [values] or {min, max}", file=file,
+                             section="subgroups", item=name)
+        for var, rule in cond.items():
+            if var not in names:
+                raise SweepError(f"unknown population variable {var!r}{_suggest(var, names)}",
+                                 file=file, section=f"subgroups.{name}", item=var)
+            if not (isinstance(rule, list) or (isinstance(rule, Mapping) and set(rule) <= {"min", "max"})):
+                raise SweepError("expected a list of values or a table {min, max}", file=file,
+                                 section=f"subgroups.{name}", item=var)
+        out[str(name)] = {k: (list(v) if isinstance(v, list) else dict(v)) for k, v in cond.items()}
+    return out
+
+
+def _check_value(name: str, v, ctx, section):
+    default, kind, _ = FACTORS[name]
+    file = ctx["file"]
+
+    def bad(msg):
+        raise SweepError(f"{msg}, got {v!r}", file=file, section=section, item=name)
+    if kind in ("positive", "nonneg", "real", "count"):
+        if name in ("interval", "duration", "dose") and v in ("regimen", "none"):
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            bad("expected a number")
+        if kind == "positive" and v <= 0:
+            bad("must be > 0")
+        if kind == "nonneg" and v < 0:
+            bad("must be >= 0")
+        if kind == "count" and (v < 0 or int(v) != v):
+            bad("must be a whole number >= 0")
+        return int(v) if kind == "count" else float(v)
+    if kind in ("treatment", "treatment_or_none"):
+        if kind == "treatment_or_none" and v == "none":
+            return "none"
+        if v not in ctx["treatments"]:
+            bad(f"unknown treatment (declare it under [treatments]; known: "
+                f"{', '.join(ctx['treatments']) or 'none'}){_suggest(v, ctx['treatments'])}")
+        return v
+    if kind == "subgroup":
+        if v != "all" and v not in ctx["subgroups"]:
+            bad(f"unknown subgroup{_suggest(v, ctx['subgroups'])}")
+        return v
+    if kind == "policy":
+        if v not in ctx["policies"]:
+            bad(f"unknown policy (known: {', '.join(sorted(ctx['policies']))}){_suggest(v, ctx['policies'])}")
+        return v
+    if isinstance(kind, tuple):
+        if v not in kind:
+            bad(f"expected one of {', '.join(kind)}")
+        return v
+    raise AssertionError(kind)
+
+
+def _check_scenario(sc: Scenario, spec: Mapping, file) -> None:
+    f = sc.factors
+    t = spec["treatments"][f["first_line"]]
+    if f["dose"] is not None:
+        n_doses = len(t["items"].get("dose", []))
+        if n_doses != 1:
+            raise SweepError(f"scenario {sc.name!r}: 'dose' needs a first-line regimen with one dose "
+                             f"item, {f['first_line']!r} has {n_doses}; use 'dose_scale'",
+                             file=file, section="factors", item="dose")
+    if f["rt_fractions"] and f["start_day"] + f["rt_day"] < 0:
+        raise SweepError(f"scenario {sc.name!r}: radiotherapy on day {f['start_day'] + f['rt_day']:g} "
+                         "comes before the simulation starts (day 0); raise start_day so that "
+                         "start_day + rt_day >= 0", file=file, section="factors", item="rt_day")
+    if f["added_drug"] == f["first_line"]:
+        raise SweepError(f"scenario {sc.name!r}: added_drug equals first_line", file=file,
+                         section="factors", item="added_drug")
+    if spec["toxicity"]["enabled"]:
+        from .toxicity import combined_class
+        classes = [t["class"]] + ([spec["treatments"][f["added_drug"]]["class"]]
+                                  if f["added_drug"] != "none" else [])
+        key = combined_class(classes)
+        if key not in spec["toxicity"]["table"]:
+            raise SweepError(f"scenario {sc.name!r}: no toxicity rate for regimen class {key!r} "
+                             f"(known: {', '.join(spec['toxicity']['table'])})", file=file,
+                             section="toxicity")
+
+
+# --------------------------------------------------------------------------- designs
+def _label(f: Mapping, base: Mapping) -> str:
+    parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+             for k, v in f.items() if v != base.get(k)]
+    return ", ".join(parts) if parts else "base"
+
+
+def build_scenarios(spec: Mapping, *, file=None) -> list[Scenario]:
+    """Expand the design of a normalised sweep (``spec["factors"]`` over ``spec["base"]``).
+
+    * ``grid``: every combination (the first factor varies slowest);
+    * ``one_at_a_time``: the base, then each factor value in turn with the others at base;
+    * ``sampled``: ``n_scenarios`` combinations drawn without replacement from the grid
+      (seeded by the sweep seed).
+    """
+    base, factors = spec["base"], spec["factors"]
+    design = spec["sweep"]["design"]
+    names = list(factors)
+    combos: list[dict] = []
+    if design == "grid" or design == "sampled":
+        for values in itertools.product(*(factors[k] for k in names)):
+            combos.append(dict(base, **dict(zip(names, values))))
+        if design == "sampled":
+            k = spec["sweep"].get("n_scenarios")
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise SweepError(f"design 'sampled' needs n_scenarios >= 1, got {k!r}", file=file,
+                                 section="sweep", item="n_scenarios")
+            rng = np.random.default_rng([int(spec["sweep"]["seed"]), 31])
+            pick = np.sort(rng.choice(len(combos), size=min(k, len(combos)), replace=False))
+            combos = [combos[i] for i in pick]
+    elif design == "one_at_a_time":
+        combos.append(dict(base))
+        for k in names:
+            for v in factors[k]:
+                if v != base[k]:
+                    combos.append(dict(base, **{k: v}))
+    if not combos:
+        raise SweepError("the design has no scenario", file=file, section="factors")
+    seen, out = set(), []
+    for f in combos:
+        key = json.dumps(f, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(Scenario(len(out), _label(f, base), f))
+    return out
