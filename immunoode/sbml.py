@@ -512,6 +512,33 @@ def _read(path, *, events: str, check_units):
         warnings.warn(f"{file}: {m.getNumConstraints()} SBML constraint(s) ignored (they do not "
                       f"change the dynamics)", stacklevel=3)
 
+    taken = set()
+    for coll in (m.getListOfCompartments(), m.getListOfSpecies(), m.getListOfParameters(),
+                 m.getListOfReactions(), m.getListOfFunctionDefinitions()):
+        for x in coll:
+            taken.add(x.getId())
+    for r in m.getListOfReactions():
+        for refs in (r.getListOfReactants(), r.getListOfProducts(), r.getListOfModifiers()):
+            for sr in refs:
+                if sr.isSetId():
+                    taken.add(sr.getId())
+    renamed = {}
+    for x in ("t", "time"):
+        if x in taken:
+            # immunoode reserves these names for time; SBML allows them as ids (the time
+            # csymbol is a different node): rename the element and every reference to it
+            new = _sanitize(f"{x}_", taken)
+            el = m.getElementBySId(x)
+            if el is None:
+                raise err(f"the id {x!r} is reserved for time in immunoode", x)
+            m.renameSIdRefs(x, new)
+            for item in m.getListOfAllElements():
+                item.renameSIdRefs(x, new)
+            el.setId(new)
+            renamed[x] = new
+            taken.discard(x)
+            warnings.warn(f"{file}: SBML id {x!r} renamed to {new!r} ({x!r} means time in "
+                          f"immunoode)", stacklevel=3)
     conv = _MathConverter(ls, {f.getId(): f for f in m.getListOfFunctionDefinitions()}, file)
     units = _Units(ls, m, level)
     time_unit = units.model_default("time")
@@ -532,19 +559,6 @@ def _read(path, *, events: str, check_units):
             continue
         ias[ia.getSymbol()] = conv.convert(ia.getMath(), f"initialAssignment:{ia.getSymbol()}")
 
-    taken = set()
-    for coll in (m.getListOfCompartments(), m.getListOfSpecies(), m.getListOfParameters(),
-                 m.getListOfReactions(), m.getListOfFunctionDefinitions()):
-        for x in coll:
-            taken.add(x.getId())
-    for r in m.getListOfReactions():
-        for refs in (r.getListOfReactants(), r.getListOfProducts(), r.getListOfModifiers()):
-            for sr in refs:
-                if sr.isSetId():
-                    taken.add(sr.getId())
-    for x in ("t", "time"):
-        if x in taken:
-            raise err(f"the id {x!r} is reserved for time in immunoode", x)
     event_targets = set()
     if events == "triggered":
         for ev in m.getListOfEvents():
@@ -582,8 +596,6 @@ def _read(path, *, events: str, check_units):
             cf = s.getConversionFactor() if s.isSetConversionFactor() else m.getConversionFactor()
         else:
             cf = None
-        if comp_dims.get(comp) == 0:
-            hosu = True  # a 0-dimensional compartment has no size: its species are amounts
         V = _sym(comp)
         if s.isSetInitialAmount():
             raw_init[sid] = sympy.Float(s.getInitialAmount()) * (1 if hosu else 1 / V)
@@ -764,6 +776,14 @@ def _read(path, *, events: str, check_units):
             return e
         return sympy.Float(values[name])
 
+    # immunoode parameters are finite numbers; a constant inf/NaN becomes a fixed assignment
+    nonfinite = {n for n in param_names if n in kind_of and not math.isfinite(values[n])
+                 and n not in event_targets}
+    param_names -= nonfinite
+    for name in nonfinite:
+        v = values[name]
+        b.add_assignment(name, sympy.oo if v > 0 else -sympy.oo if v < 0 else sympy.nan,
+                         description=f"SBML {kind_of[name]} (non-finite constant)")
     for name, kind in kind_of.items():
         if name in param_names:
             b.add_parameter(name, values[name], unit(name),
@@ -808,7 +828,8 @@ def _read(path, *, events: str, check_units):
     if events == "regimen":
         extra = _events_to_regimen(ls, m, conv, set(state_names), values, file)
     elif events == "triggered":
-        extra = _events_triggered(ls, m, conv, level, species_info, rate_rules, resolve, file)
+        extra = (_events_triggered(ls, m, conv, level, species_info, rate_rules, resolve, file),
+                 renamed)
 
     if check_units is False or unknown_units:
         if unknown_units and check_units is not False:
@@ -1487,5 +1508,5 @@ def read_sbml_triggered(path, *, check_units: bool | None = None):
     without events gives a TriggeredModel with no events.
     """
     from .triggered import TriggeredModel
-    model, events = _read(path, events="triggered", check_units=check_units)
-    return TriggeredModel(model, events or (), source=str(path))
+    model, (events, renamed) = _read(path, events="triggered", check_units=check_units)
+    return TriggeredModel(model, events, source=str(path), renamed=tuple(renamed.items()))

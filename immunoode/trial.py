@@ -784,10 +784,10 @@ def _stream_arm(c: _Ctx, out: Path, chunk: int, spec_json: str, resume: bool, n_
         info["sim_attrs"] = info["sim_attrs"] or pinfo["sim_attrs"]
         ds.attrs["trial_key"] = key
         ds.attrs["sim_attrs"] = json.dumps(pinfo["sim_attrs"], default=_json_default)
-        tmp = path.with_suffix(".tmp")
         from .io import write_results
-        write_results(ds, tmp.with_suffix(".tmp.nc"))
-        tmp.with_suffix(".tmp.nc").replace(path)
+        tmp = out / f".writing-{a:09d}.nc"      # never matched by part-*.nc
+        write_results(ds, tmp)
+        tmp.replace(path)
         parts.append(_per_patient(ds))
         info["n_parts"] += 1
         del ds

@@ -41,7 +41,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -56,6 +56,7 @@ from .expr import TIME, expand_hill
 
 __all__ = ["Event", "TriggeredModel", "simulate_triggered", "SOLVERS"]
 
+_RTOL_ROOT = 4 * np.finfo(float).eps
 #: scipy solvers this path can step through.
 SOLVERS = {"LSODA": LSODA, "BDF": BDF, "Radau": Radau}
 
@@ -90,12 +91,21 @@ class Event:
 
 @dataclass(frozen=True)
 class TriggeredModel:
-    """A model together with its state-triggered events."""
+    """A model together with its state-triggered events.
+
+    Attributes
+    ----------
+    model : the :class:`~immunoode.model.Model` (its ODEs hold between events).
+    events : :class:`Event` s, in document order (ties in priority keep this order
+        when no priority is given).
+    source : file the events came from (for error messages).
+    renamed : ``((sbml_id, name), ...)`` for SBML ids renamed on import (``time`` → ``time_``).
+    """
 
     model: object
     events: tuple = ()
     source: str = ""
-    _checked: bool = field(default=False, repr=False)
+    renamed: tuple = ()
 
     def __post_init__(self):
         m = self.model
@@ -162,14 +172,6 @@ class _Evaluator:
         return f
 
 
-@dataclass
-class _Pending:
-    time: float
-    order: int
-    event: int
-    values: list | None
-
-
 def _dataset(cm, t_eval, names, data, attrs):
     from .simulate import _record_meta
     meta = _record_meta(cm)
@@ -190,7 +192,7 @@ def _dataset(cm, t_eval, names, data, attrs):
 
 def simulate_triggered(tmodel: TriggeredModel, *, t_eval=None, t_end: float = 10.0,
                        dt: float = 1.0, parameters: Mapping[str, float] | None = None,
-                       method: str = "LSODA", rtol: float = 1e-8, atol: float = 1e-12,
+                       initial: Mapping[str, float] | None = None, method: str = "LSODA", rtol: float = 1e-8, atol: float = 1e-12,
                        backend: str = "numba", compiled=None, include_parameters: bool = False,
                        max_events: int = 1_000_000, max_steps: int = 1_000_000,
                        seed: int = 0) -> xr.Dataset:
@@ -205,6 +207,8 @@ def simulate_triggered(tmodel: TriggeredModel, *, t_eval=None, t_end: float = 10
         An output time equal to an event time reports the state after the event.
     parameters
         Overrides of nominal parameter values, name -> value.
+    initial
+        Overrides of initial state values, name -> value.
     method
         ``"LSODA"`` (default), ``"BDF"`` or ``"Radau"`` (all use the analytic Jacobian).
     rtol, atol
@@ -252,6 +256,12 @@ def simulate_triggered(tmodel: TriggeredModel, *, t_eval=None, t_end: float = 10
     p = cm.parameter_vector(parameters).copy()
     p0 = p.copy()
     y = np.asarray(cm.initial_state(p), dtype=float).copy()
+    for k, v in (initial or {}).items():
+        if k not in cm.state_names:
+            from .model import _suggest
+            raise ModelError(f"unknown state{_suggest(k, cm.state_names)}", section="states",
+                             item=k)
+        y[cm.state_names.index(k)] = float(v)
     n = len(y)
     ev = tmodel.events
     rng = np.random.default_rng(seed)
@@ -465,7 +475,7 @@ def simulate_triggered(tmodel: TriggeredModel, *, t_eval=None, t_end: float = 10
                             return s0 * 1e-300 if tt == t_old else h(tt)
                         try:
                             roots[k] = brentq(hh, t_old, t_new, xtol=1e-13 * max(1.0, abs(t_new)),
-                                              rtol=4 * np.finfo(float).eps)
+                                              rtol=_RTOL_ROOT)
                         except ValueError:  # same sign at both ends on the dense output
                             roots[k] = t_new
                 tr = min(roots.values())

@@ -2,7 +2,8 @@
 
 The section between ``<!-- BEGIN GENERATED PARAMETERS -->`` and ``<!-- END GENERATED
 PARAMETERS -->`` is produced by :func:`parameter_tables` from ``models/nsclc/*.toml`` (module
-order of ``models/cic_nsclc.toml``, then ``models/nsclc_minimal.toml``).  Regenerate it with::
+order of ``models/cic_nsclc.toml``, then ``models/nsclc_minimal.toml`` and the parameters
+defined in ``models/nsclc_io_novel_agents.toml``).  Regenerate it with::
 
     python tests/test_models_docs.py --write
 """
@@ -52,10 +53,11 @@ def module_table(path: Path, title: str) -> str:
 
 
 def parameter_tables() -> str:
-    """All module sections, in the include order of cic_nsclc.toml, then the minimal model."""
+    """All module sections (include order of cic_nsclc.toml), then the minimal and novel-agent models."""
     order = tomllib.loads((MODELS / "cic_nsclc.toml").read_text())["model"]["include"]
     parts = [module_table(MODELS / rel, Path(rel).name) for rel in order]
-    parts.append(module_table(MODELS / "nsclc_minimal.toml", "nsclc_minimal.toml"))
+    for extra in ("nsclc_minimal.toml", "nsclc_io_novel_agents.toml"):
+        parts.append(module_table(MODELS / extra, extra))
     return "\n".join(parts)
 
 

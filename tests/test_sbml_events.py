@@ -336,3 +336,49 @@ def test_variable_stoichiometry_and_0d_compartment_match_roadrunner(tmp_path):
     B = 2.0 * (2.5 + g / k) * (1 - np.exp(-k * t)) - 2.0 * g * t * np.exp(-k * t)
     _assert_close(ds["A"].values, A, "A closed form", rtol=1e-7)
     _assert_close(ds["B"].values, B, "B closed form", rtol=1e-7)
+
+
+def test_reserved_ids_renamed_and_nonfinite_constants(tmp_path):
+    """SBML ids 'time'/'t' are legal (the time csymbol is another node): renamed with a
+    warning; a constant parameter set to inf becomes a fixed assignment."""
+    doc = libsbml.SBMLDocument(3, 2)
+    m = doc.createModel()
+    m.setId("names")
+    for pid, val in (("time", 10.0), ("big", math.inf), ("x", 0.0)):
+        p = m.createParameter()
+        p.setId(pid)
+        p.setValue(val)
+        p.setConstant(pid != "x")
+    rr_ = m.createRateRule()
+    rr_.setVariable("x")
+    math_ = libsbml.parseL3Formula("tp / 2")
+    math_.getChild(0).setName("time")  # <ci>time</ci>: the parameter, not the csymbol
+    rr_.setMath(math_)
+    y = m.createParameter()
+    y.setId("y")
+    y.setConstant(False)
+    ar = m.createAssignmentRule()
+    ar.setVariable("y")
+    ar.setMath(libsbml.parseL3Formula("min(big, x)"))
+    path = tmp_path / "names.xml"
+    libsbml.writeSBMLToFile(doc, str(path))
+    with pytest.warns(UserWarning, match="'time' renamed to 'time_'"):
+        tm = read_sbml_triggered(path, check_units=False)
+    assert dict(tm.renamed) == {"time": "time_"}
+    assert tm.model.parameters["time_"].value == 10.0 and "big" in tm.model.assignments
+    ds = simulate_triggered(tm, t_eval=[0.0, 1.0, 2.0], backend="numpy")
+    np.testing.assert_allclose(ds["x"].values, [0.0, 5.0, 10.0], rtol=1e-8)
+    np.testing.assert_allclose(ds["y"].values, ds["x"].values)
+    assert np.isinf(ds["big"].values).all()
+
+
+def test_initial_and_parameter_overrides(saw):
+    t = np.linspace(0, 1, 11)
+    ds = simulate_triggered(saw, t_eval=t, backend="numpy", initial={"S": 0.9},
+                            parameters={"k": 0.1}, **TIGHT)
+    _assert_close(ds["S"].values, 0.9 * np.exp(-0.1 * t), "S", rtol=1e-7)
+    assert json.loads(ds.attrs["parameters"])["k"] == 0.1
+    with pytest.raises(im.ModelError, match="unknown state"):
+        simulate_triggered(saw, t_eval=t, backend="numpy", initial={"nope": 1.0})
+    with pytest.raises(ValueError, match="unknown method"):
+        simulate_triggered(saw, t_eval=t, method="RK45")

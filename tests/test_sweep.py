@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import xarray as xr
 
 import immunoode as im
 from immunoode.sweep.engines import AbstractEngine, DaskEngine, ProcessEngine, SerialEngine

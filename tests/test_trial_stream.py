@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import xarray as xr
 
 import immunoode as im
 from immunoode.trial import TrialError, open_trial, run_trial, summary_table

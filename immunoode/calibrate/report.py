@@ -46,6 +46,12 @@ def fit_report(result) -> str:
                                or abs(v - p.max) <= 1e-6 * max(1, abs(p.max))) else ""
         note = f"  ** {flag} **" if flag else ""
         lines.append(f"    {name:<22} = {v:.5g}  [{lo:.4g}, {hi:.4g}]  ({p.kind}){at}{note}")
+    lower = [(float(df["chisqr"].min()) - result.chisqr, k) for k, df in result.profiles.items()
+             if len(df) and float(df["chisqr"].min()) < result.chisqr - 1e-6]
+    if lower:
+        d, k = min(lower)
+        lines.append(f"    Note: the profile of {k} found a chi2 lower than the optimum by {-d:.3g}: "
+                     f"the reported optimum is approximate (a local, not the global, minimum).")
     unid = [k for k, (_, _, f) in result.intervals.items() if f]
     if unid:
         lines.append("    Not (fully) identified by the targets: " + ", ".join(
@@ -91,9 +97,17 @@ def fitted_population_toml(result) -> str:
     spec = result.spec
     out = [f"# Fitted population of {spec.name} ({spec.file}), seed {spec.seed}.",
            "# Lognormal target distributions of the re-weighted patient variables, per arm",
-           "# (arm covariates applied). Paste one arm's table into a trial file's",
-           "# [population.parameters], or load it with immunoode.sampling.load_population_spec.",
-           ""]
+           "# (arm covariates applied). Each [<arm>] table is a sample_population spec:",
+           "# sample_population(tomllib.load(f)[arm], n, seed), or paste its variables into a",
+           "# trial file's [population.parameters]."]
+    patient = sorted({(v.name, c, e) for v in spec.population.variables for c, e in v.effects
+                      if not all(c in a.covariates for a in spec.arms.values())})
+    for var, cov, eff in patient:
+        val = result.values[eff] if isinstance(eff, str) else float(eff)
+        out.append(f"# NOT expressible here: the log-median of {var} also shifts by {val:.6g} x "
+                   f"{cov} per patient ({eff}); draw {var} per patient with that shift, or use "
+                   f"the re-weighted cohort.")
+    out.append("")
     vals = result.values
     for arm in spec.arms.values():
         out.append(f"# arm {arm.name}: {arm.label}")
@@ -208,7 +222,10 @@ def profiles_plot(result):
         ax_.axhline(CHI2_95, color="r", ls="--", lw=0.8)
         ax_.axvline(result.values[name], color="k", lw=0.8)
         if result.spec.parameters[name].scale == "log":
+            from matplotlib.ticker import NullFormatter
             ax_.set_xscale("log")
+            ax_.xaxis.set_minor_formatter(NullFormatter())
+        ax_.tick_params(labelsize=7)
         flag = result.intervals.get(name, (0, 0, ""))[2]
         ax_.set_title(name + (f"\n({flag})" if flag else ""), fontsize=8)
         ax_.set_ylabel("Δχ²")

@@ -21,7 +21,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..regimen import KIND_BOLUS, KIND_INFUSION, KIND_SCALE, Dose, Scale, convert_amount, regimen_from_dict
+from ..regimen import KIND_BOLUS, KIND_INFUSION, KIND_SCALE, Dose, convert_amount, regimen_from_dict
 from .policy import ACTION_CODES, Action, ScanView
 from .toxicity import combined_class, hazard_per_day, patient_draws
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Mapping
+
 
 import numpy as np
 import pandas as pd
