@@ -125,7 +125,10 @@ def summarize_sweep(ds: xr.Dataset, alpha: float = 0.05) -> xr.Dataset:
 
 
 def ranking(ds: xr.Dataset, by: str = "PFS_2y", *, ascending: bool | None = None) -> pd.DataFrame:
-    """Scenarios ranked by a metric (best first), with the main metrics and intervals."""
+    """Scenarios ranked by a metric (best first), with the main metrics and intervals.
+
+    A median that is not reached (NaN) ranks as longer than any reached median.
+    """
     if by not in ds["metric"].values:
         raise KeyError(f"unknown metric {by!r}; choose one of {', '.join(ds['metric'].values)}")
     asc = (not HIGHER_IS_BETTER.get(by, True)) if ascending is None else ascending
@@ -137,6 +140,9 @@ def ranking(ds: xr.Dataset, by: str = "PFS_2y", *, ascending: bool | None = None
     cols[f"{by}_upper"] = ds["summary_upper"].sel(metric=by).values
     cols["n"] = ds["summary_n"].sel(metric="ORR").values
     df = pd.DataFrame(cols, index=pd.Index(ds["scenario_name"].values, name="scenario"))
-    df = df.sort_values(by, ascending=asc, kind="stable")
+    key = df[by]
+    if by.startswith("median_"):  # NaN = median not reached: longer than any reached one
+        key = key.fillna(np.inf)
+    df = df.iloc[np.argsort(key.values if asc else -key.values, kind="stable")]
     df.insert(0, "rank", np.arange(1, len(df) + 1))
     return df
