@@ -26,6 +26,7 @@ import sympy
 from sympy.printing.numpy import NumPyPrinter
 from sympy.printing.pycode import PythonCodePrinter
 
+from . import llvmgen
 from .expr import TIME, expand_hill
 
 __all__ = ["Derivation", "derive", "sparse_lu_plan", "numba_source", "numpy_source"]
@@ -298,119 +299,115 @@ class _Ext:
         self.psyms = tuple(d.psyms) + tuple(dsyms)
 
 
-def numba_source(d: Derivation, plan: LUPlan | None) -> str:
-    """Scalar model functions for the numba solver (see ``solvers/rodas.py``)."""
+def numba_source(d: Derivation, plan: LUPlan | None, tab=None) -> str:
+    """Scalar model functions for the numba solver (see ``solvers/rosenbrock.py``).
+
+    Each function is emitted as an LLVM-IR program (:mod:`.llvmgen`; cheap for numba
+    to compile) unless it uses a function that backend does not cover, in which case
+    it is printed as Python source for numba to compile."""
     pr = _NumbaPrinter({"fully_qualified_modules": True, "standard": "python3"})
-    dec = "@njit(cache=True, fastmath={'contract', 'arcp', 'nsz'}, error_model='numpy')"
-    out = []
+    def dec_(name):
+        return "@njit(cache=True, fastmath={'contract', 'arcp', 'nsz'}, error_model='numpy')"
+
+    out = ["from math import inf, nan  # noqa: F401  (literals in the programs)",
+           "from immunoode.llvmgen import kernel as _kernel", ""]
     n = len(d.ysyms)
-    # rhs
-    # derived parameters (computed once per parameter set); p_j with j >= N_PARAMS
     dsyms = [s_ for s_, _ in d.derived]
+    ext = _Ext(d, dsyms)
+    y_loads = {s_: (1, i) for i, s_ in enumerate(d.ysyms)}
+    pe_loads = {s_: (2, j) for j, s_ in enumerate(ext.psyms)}
+    p_loads = {s_: (2, j) for j, s_ in enumerate(d.psyms)}
+
+    def emit(name, args, make_prog, python_lines):
+        try:
+            prog = make_prog()
+        except llvmgen.Unsupported:
+            return python_lines()
+        call = f"_K_{name}({', '.join(args)})"
+        return [f"_P_{name} = {prog!r}", f"_K_{name} = _kernel({name!r}, _P_{name}, {len(args)})",
+                dec_(name), f"def {name}({', '.join(args)}):", f"    return {call}", ""]
+
+    # derived parameters (computed once per parameter set); p_j with j >= N_PARAMS
     dexprs = [e for _, e in d.derived]
     reps, red = _cse(dexprs) if dexprs else ([], [])
-    out += _fn(pr, "derive_params", ["p", "pe"], _unpack(d, dexprs), reps,
-               [f"pe[{s_.name[2:]}]" for s_ in dsyms], red, decorator=dec)
-    out += [f"    for j in range({len(d.psyms)}):", "        pe[j] = p[j]", ""]
-    ext = _Ext(d, dsyms)
-    reps, red = _cse(d.hot_rhs)
-    out += _fn(pr, "rhs", ["t", "y", "p", "u", "out"], _unpack(ext, d.hot_rhs), reps,
-               [f"out[{i}]" for i in range(n)], [r for r in red], decorator=dec)
-    out[-n:] = [ln.replace(" = ", " = (", 1) + f") + u[{i}]" for i, ln in enumerate(out[-n:])]
-    out.append("")
-    # jacobian (nonzeros)
-    reps, red = _cse(d.hot_jac) if d.hot_jac else ([], [])
-    out += _fn(pr, "jac", ["t", "y", "p", "out"], _unpack(ext, d.hot_jac), reps,
-               [f"out[{k}]" for k in range(len(d.hot_jac))], red, decorator=dec)
-    out.append("    return")
-    out.append("")
-    # dfdt
+    npar = len(d.psyms)
+
+    def py_derive():
+        lines = _fn(pr, "derive_params", ["p", "pe"], _unpack(d, dexprs), reps,
+                    [f"pe[{s_.name[2:]}]" for s_ in dsyms], red, decorator=dec_("derive_params"))
+        return lines + [f"    for j in range({npar}):", "        pe[j] = p[j]", ""]
+
+    out += emit("derive_params", ["p", "pe"], lambda: llvmgen.program(
+        reps, [(1, int(s_.name[2:])) for s_ in dsyms], red,
+        loads={s_: (0, j) for j, s_ in enumerate(d.psyms)},
+        stores_after=[(1, j, 0, j) for j in range(npar)]), py_derive)
+
+    # right-hand side f(t, y, p) + u
+    reps_f, red_f = _cse(d.hot_rhs)
+
+    def py_rhs():
+        lines = _fn(pr, "rhs", ["t", "y", "p", "u", "out"], _unpack(ext, d.hot_rhs), reps_f,
+                    [f"out[{i}]" for i in range(n)], list(red_f), decorator=dec_("rhs"))
+        lines[-n:] = [ln.replace(" = ", " = (", 1) + f") + u[{i}]" for i, ln in enumerate(lines[-n:])]
+        return lines + [""]
+
+    out += emit("rhs", ["t", "y", "p", "u", "out"], lambda: llvmgen.program(
+        reps_f, [(4, i, (3, i)) for i in range(n)], red_f, loads={**y_loads, **pe_loads},
+        scalars={TIME: 0}), py_rhs)
+
+    # Jacobian (non-zero entries)
+    reps_j, red_j = _cse(d.hot_jac) if d.hot_jac else ([], [])
+    out += emit("jac", ["t", "y", "p", "out"], lambda: llvmgen.program(
+        reps_j, [(3, k) for k in range(len(red_j))], red_j, loads={**y_loads, **pe_loads},
+        scalars={TIME: 0}), lambda: _fn(pr, "jac", ["t", "y", "p", "out"],
+                                        _unpack(ext, d.hot_jac), reps_j,
+                                        [f"out[{k}]" for k in range(len(d.hot_jac))], red_j,
+                                        decorator=dec_("jac")) + ["    return", ""])
+
+    # df/dt
     if d.has_t:
-        reps, red = _cse(d.hot_dfdt)
-        out += _fn(pr, "dfdt", ["t", "y", "p", "out"], _unpack(ext, d.hot_dfdt), reps,
-                   [f"out[{i}]" for i in range(n)], red, decorator=dec)
+        reps_t, red_t = _cse(d.hot_dfdt)
+        out += emit("dfdt", ["t", "y", "p", "out"], lambda: llvmgen.program(
+            reps_t, [(3, i) for i in range(n)], red_t, loads={**y_loads, **pe_loads},
+            scalars={TIME: 0}), lambda: _fn(pr, "dfdt", ["t", "y", "p", "out"],
+                                            _unpack(ext, d.hot_dfdt), reps_t,
+                                            [f"out[{i}]" for i in range(n)], red_t,
+                                            decorator=dec_("dfdt")) + [""])
     else:
-        out += [dec, "def dfdt(t, y, p, out):", "    for i in range(out.shape[0]):",
-                "        out[i] = 0.0"]
-    out.append("")
-    # record: states copied, then assignments/observables
-    reps, red = _cse(d.record) if d.record else ([], [])
-    out += _fn(pr, "record", ["t", "y", "p", "out"], _unpack(d, d.record), reps,
-               [f"out[{n + k}]" for k in range(len(d.record))], red, decorator=dec)
-    out += [f"    for i in range({n}):", "        out[i] = y[i]"]
-    out.append("")
-    # LU
-    out += _lu_source(plan, dec) if plan is not None else [
-        dec, "def lu_factor(jv, c, lu):", "    return False", "",
-        dec, "def lu_solve(lu, B, r):", "    return"]
+        out += [dec_("dfdt"), "def dfdt(t, y, p, out):", "    for i in range(out.shape[0]):",
+                "        out[i] = 0.0", ""]
+
+    # record: assignments/observables, then the states copied
+    reps_r, red_r = _cse(d.record) if d.record else ([], [])
+
+    def py_record():
+        lines = _fn(pr, "record", ["t", "y", "p", "out"], _unpack(d, d.record), reps_r,
+                    [f"out[{n + k}]" for k in range(len(d.record))], red_r, decorator=dec_("record"))
+        return lines + [f"    for i in range({n}):", "        out[i] = y[i]", ""]
+
+    out += emit("record", ["t", "y", "p", "out"], lambda: llvmgen.program(
+        reps_r, [(3, n + k) for k in range(len(red_r))], red_r, loads={**y_loads, **p_loads},
+        scalars={TIME: 0}, stores_after=[(3, i, 1, i) for i in range(n)]), py_record)
+
+    # sparse LU
+    if plan is not None:
+        fac, sol = llvmgen.lu_programs(plan)
+        out += emit("lu_factor", ["jv", "c", "lu"], lambda: fac, lambda: [])
+        out += emit("lu_solve", ["lu", "B", "r"], lambda: sol, lambda: [])
+    else:
+        out += [dec_("lu_factor"), "def lu_factor(jv, c, lu):", "    return False", "",
+                dec_("lu_solve"), "def lu_solve(lu, B, r):", "    return", ""]
+    # the whole Rosenbrock step, unrolled (sparse LU path); tab: solvers.tableaus.Tableau
+    step = []
+    if plan is not None and tab is not None:
+        step = emit("step", list(llvmgen.STEP_ARGS), lambda: llvmgen.step_program(
+            tab, plan, d.ysyms, ext.psyms, reps_f, red_f, d.has_t), lambda: [])
+    if step:
+        out += ["HAS_STEP = True"] + step
+    else:
+        out += ["HAS_STEP = False", dec_("step"), f"def step({', '.join(llvmgen.STEP_ARGS)}):",
+                "    return 0.0", ""]
     return "\n".join(out) + "\n"
-
-
-def _lu_source(plan: LUPlan, dec: str) -> list[str]:
-    """Straight-line factorisation and solve in single-assignment form.
-
-    Every intermediate value gets its own local name (cheap for numba to type and
-    for LLVM to optimise); the factors are stored at the end.  No branches: the
-    smallest |pivot|/c is tracked and the caller falls back to the dense pivoting
-    LU when it is below 1e-10.  The diagonal slots store reciprocals.
-    """
-    s = plan.slots
-    cur: dict[int, str] = {}
-    counter = [0]
-
-    def fresh() -> str:
-        counter[0] += 1
-        return f"v{counter[0]}"
-
-    lines = [dec, "def lu_factor(jv, c, lu):"]
-    jac_of = {slot: k for k, slot in enumerate(plan.jac_slot)}
-    diag = set(plan.diag_slot)
-    for slot in range(len(s)):
-        v = fresh()
-        base = f"-jv[{jac_of[slot]}]" if slot in jac_of else "0.0"
-        lines.append(f"    {v} = {base} + c" if slot in diag else f"    {v} = {base}")
-        cur[slot] = v
-    lines.append("    cinv = 1.0 / c")
-    mins = []
-    piv = None
-    for op in plan.ops:
-        if op[0] == "piv":
-            dk = s[(op[1], op[1])]
-            mins.append(f"abs({cur[dk]})")
-            v = fresh()
-            lines.append(f"    {v} = 1.0 / {cur[dk]}")
-            cur[dk] = piv = v
-        elif op[0] == "scale":
-            v = fresh()
-            lines.append(f"    {v} = {cur[s[op[1]]]} * {piv}")
-            cur[s[op[1]]] = v
-        else:
-            v = fresh()
-            ij, ik, kj = s[op[1]], s[op[2]], s[op[3]]
-            lines.append(f"    {v} = {cur[ij]} - {cur[ik]} * {cur[kj]}")
-            cur[ij] = v
-    for slot in range(len(s)):
-        lines.append(f"    lu[{slot}] = {cur[slot]}")
-    smallest = mins[0]
-    for m in mins[1:]:
-        smallest = f"min({smallest}, {m})"
-    lines.append(f"    return {smallest} * cinv > 1e-10")
-    lines.append("")
-    # solve in place: permute b into x, forward (unit L), backward (U), unpermute.
-    n = plan.n
-    lines += [dec, "def lu_solve(lu, B, r):"]
-    for k, o in enumerate(plan.perm):
-        lines.append(f"    x{k} = B[r, {o}]")
-    for i in range(n):
-        terms = [f" - lu[{sl}] * w{k}" for sl, k in plan.lower[i]]
-        lines.append(f"    w{i} = x{i}" + "".join(terms))
-    for i in reversed(range(n)):
-        terms = [f" - lu[{sl}] * z{j}" for sl, j in plan.upper[i]]
-        lines.append(f"    z{i} = (w{i}" + "".join(terms) + f") * lu[{plan.diag_slot[i]}]")
-    for k, o in enumerate(plan.perm):
-        lines.append(f"    B[r, {o}] = z{k}")
-    lines.append("")
-    return lines
 
 
 def numpy_source(d: Derivation) -> str:

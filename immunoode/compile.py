@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import codegen
+from . import codegen, llvmgen
 from ._version import __version__
 from .errors import ModelError
 from .solvers.tableaus import TABLEAUS, tableau_source
@@ -51,7 +51,7 @@ def cache_dir() -> Path:
 
 def _generator_hash() -> str:
     h = hashlib.sha256(__version__.encode())
-    for f in (_TEMPLATE, _TABLEAUS, Path(codegen.__file__), Path(__file__)):
+    for f in (_TEMPLATE, _TABLEAUS, Path(codegen.__file__), Path(llvmgen.__file__), Path(__file__)):
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -149,6 +149,10 @@ class CompiledModel:
     # --------------------------------------------------------- conveniences
     def parameter_vector(self, overrides=None) -> np.ndarray:
         """Nominal parameters (model order) with ``overrides`` (name -> value) applied."""
+        if not overrides:
+            nominal = self.memo("nominal", None, lambda: np.array(
+                [self.model.parameter_values[k] for k in self.parameter_names], dtype=float))
+            return nominal.copy()
         vals = self.model.parameter_values
         for k, v in (overrides or {}).items():
             if k not in vals:
@@ -263,7 +267,7 @@ def compile_model(model, *, method: str = "rodas5p", cache: bool = True, directo
         header = _header(model, d, plan, key)
         template = _TEMPLATE.read_text(encoding="utf-8").split(_MARKER, 1)[1]
         tab = TABLEAUS[method]
-        nb_src = header + tableau_source(tab) + codegen.numba_source(d, plan) + "\n" + template
+        nb_src = header + tableau_source(tab) + codegen.numba_source(d, plan, tab) + "\n" + template
         np_src = header.replace("from numba import njit", "import numpy") + \
             codegen.numpy_source(d)
         timings["codegen"] = time.perf_counter() - ts

@@ -61,6 +61,11 @@ def time_grid(t_end: float = 365.0, dt: float = 1.0, t0: float = 0.0) -> np.ndar
 
 def resolve_outputs(cm: CompiledModel, outputs: Sequence[str] | None) -> np.ndarray:
     """Indices into the record vector for the requested names (default: all)."""
+    key = None if outputs is None else tuple(outputs)
+    return cm.memo("outputs", key, lambda: _resolve_outputs(cm, key)).copy()
+
+
+def _resolve_outputs(cm: CompiledModel, outputs) -> np.ndarray:
     names = cm.record_names
     if outputs is None:
         return np.arange(len(names), dtype=np.int64)
@@ -116,6 +121,8 @@ def records_from_states(cm: CompiledModel, t_eval, Y, P, sel) -> np.ndarray:
 
 
 def _atol_vector(cm, atol) -> np.ndarray:
+    if isinstance(atol, (float, int)):
+        return cm.memo("atol", float(atol), lambda: _atol_vector(cm, np.asarray(atol, float)))
     n = len(cm.state_names)
     if isinstance(atol, Mapping):
         vec = np.full(n, 1e-9)
@@ -198,8 +205,8 @@ def simulate(model, regimen: Regimen | None = None, *, t_eval=None, t_end: float
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     cm = _compiled(model, method)
     t_eval = time_grid(t_end, dt) if t_eval is None else np.asarray(t_eval, dtype=float)
-    if t_eval.ndim != 1 or len(t_eval) < 1 or np.any(np.diff(t_eval) < 0) or \
-            not np.all(np.isfinite(t_eval)):
+    if t_eval.ndim != 1 or len(t_eval) < 1 or not np.isfinite(t_eval.sum()) or \
+            not (t_eval[1:] >= t_eval[:-1]).all():
         raise ValueError("t_eval must be a finite, non-decreasing 1-D array")
     p = cm.parameter_vector(parameters)
     params = dict(zip(cm.parameter_names, p.tolist()))
@@ -254,11 +261,29 @@ def to_dataset(cm: CompiledModel, t_eval, data, sel, attrs, stats=None) -> xr.Da
     names = [cm.record_names[i] for i in sel]
     key = (tuple(int(i) for i in sel), t_eval.tobytes())
     template = cm.memo("dataset", key, lambda: _dataset_template(cm, t_eval, names), size=8)
-    ds = template.copy(deep=False, data={name: data[k] for k, name in enumerate(names)})
+    ds = _fill_template(template, names, data)
     ds.attrs = dict(attrs)
     for k, v in (stats or {}).items():
         ds.attrs[k] = v
     return ds
+
+
+def _fill_template(template: xr.Dataset, names, data) -> xr.Dataset:
+    """A new Dataset like ``template`` whose variables ``names`` hold the rows of ``data``.
+
+    Builds the variables directly (about 4x faster than ``Dataset.copy(data=...)``);
+    falls back to the public API if xarray's internals change.
+    """
+    try:
+        variables = dict(template._variables)
+        for k, name in enumerate(names):
+            old = variables[name]
+            variables[name] = xr.Variable(old.dims, data[k], dict(old.attrs), fastpath=True)
+        return xr.Dataset._construct_direct(variables, set(template._coord_names),
+                                            dict(template._dims), {},
+                                            indexes=dict(template._indexes))
+    except (AttributeError, TypeError):  # pragma: no cover - depends on the xarray version
+        return template.copy(deep=False, data={name: data[k] for k, name in enumerate(names)})
 
 
 def _dataset_template(cm: CompiledModel, t_eval, names) -> xr.Dataset:

@@ -4,7 +4,8 @@ This file is not imported as a module.  :mod:`immunoode.compile` appends its
 text (from the marker below) to the generated, model-specific functions
 ``rhs``, ``jac``, ``dfdt``, ``record``, ``lu_factor`` and ``lu_solve`` and the
 constants ``N_STATES``, ``NNZ``, ``NLU``, ``JAC_ROWS``, ``JAC_COLS``,
-``HAS_T``, ``HAS_SPARSE_LU`` and a tableau from :mod:`.tableaus` (``_NS``,
+``HAS_T``, ``HAS_SPARSE_LU``, ``HAS_STEP`` (with ``step``, the unrolled step of
+:mod:`immunoode.llvmgen`) and a tableau from :mod:`.tableaus` (``_NS``,
 ``_A``, ``_C``, ``_CS``, ``_DS``, ``_H``, ``_GAMMA``, ``_ERR_EXP``), and writes
 the result to the on-disk cache, where numba caches the machine code next to it.
 
@@ -291,8 +292,11 @@ def integrate(y0, p, t_out, ev_t, ev_kind, ev_idx, ev_val, sel, rtol, atol, max_
                             break
                         continue
                 info[5] += 1
-                err = _stages(t, h, y, pe, u, f0, dT, dense, lu, A, piv, K, ytmp, du, ynew,
-                              rtol, atol)
+                if dense or not HAS_STEP:
+                    err = _stages(t, h, y, pe, u, f0, dT, dense, lu, A, piv, K, ytmp, du, ynew,
+                                  rtol, atol)
+                else:
+                    err = step(t, h, y, pe, u, f0, dT, lu, K, ynew, rtol, atol)
                 info[3] += _NS - 1
                 last_err = err
                 if err <= 1.0:
