@@ -3,7 +3,8 @@
 Data flow: model (:mod:`.model`, :mod:`.modelfile`, :mod:`.sbml`) → compile
 (:mod:`.compile`) → simulate (:mod:`.simulate`, :mod:`.population`) → virtual patients
 (:mod:`.sampling`) → response (:mod:`.recist`, :mod:`.resistance`) → trial arms
-(:mod:`.trial`, :mod:`.trialstats`, :mod:`.plots`) → results (xarray).
+(:mod:`.trial`, :mod:`.trialstats`, :mod:`.plots`) → calibration (:mod:`.calibrate`)
+→ scenario sweeps (:mod:`.sweep`) → results (xarray).
 """
 
 from ._version import __version__
@@ -17,12 +18,15 @@ from .sbml import read_sbml, read_sbml_with_regimen, to_sbml
 from .response import assess_response
 from .sampling import sample_population
 from .simulate import simulate, time_grid
-from .trial import run_trial, summary_table
+from .trial import open_trial, run_trial, summary_table
+from .lesions import Lesion, multi_lesion_model
+from .sensitivity import simulate_sensitivities
 
 __all__ = [
     "__version__", "CompiledModel", "compile_model", "ExpressionError", "ImmunoodeError",
     "ModelError", "RegimenError", "SimulationError", "UnitError", "Model", "ModelBuilder",
     "load_model", "loads_model", "simulate_population", "Dose", "Regimen", "Scale", "load_regimen", "simulate",
     "time_grid", "read_sbml", "read_sbml_with_regimen", "to_sbml", "sample_population",
-    "assess_response", "run_trial", "summary_table",
+    "assess_response", "run_trial", "summary_table", "open_trial", "Lesion",
+    "multi_lesion_model", "simulate_sensitivities",
 ]

@@ -456,7 +456,7 @@ def simulate_triggered(tmodel: TriggeredModel, *, t_eval=None, t_end: float = 10
             if atom_g:
                 g_new = g_all(t_new, solver.y)
                 s_new = np.sign(g_new)
-                crossed = np.nonzero(s_new != signs)[0]
+                crossed = np.nonzero((s_new != signs) & ~(np.isnan(s_new) & np.isnan(signs)))[0]
             else:
                 crossed = []
             if len(crossed):
