@@ -298,3 +298,12 @@ def test_schedule_factors_give_the_doses_worked_out_by_hand(folder, change, dose
     f = dict(spec.scenarios[0].factors, **change)
     out = simulate_block(cm, spec.data, f, np.arange(4), cols, masks["all"], T)
     np.testing.assert_allclose(out["cumulative_dose"][0], [dose_a, dose_b])
+
+
+def test_class_without_a_row_takes_the_row_with_an_ici():
+    from immunoode.sweep.toxicity import table_row
+    tab = load_toxicity_table()
+    assert table_row(tab, ["anti-angiogenic"]) is tab["ICI+anti-angiogenic"]
+    assert table_row(tab, ["ICI", "chemo"]) is tab["ICI+chemo"]
+    with pytest.raises(KeyError):
+        table_row(tab, ["ICI", "TKI", "anti-angiogenic"])

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..regimen import KIND_BOLUS, KIND_INFUSION, KIND_SCALE, Dose, convert_amount, regimen_from_dict
 from .policy import ACTION_CODES, Action, ScanView
-from .toxicity import combined_class, hazard_per_day, patient_draws
+from .toxicity import hazard_per_day, patient_draws, table_row
 
 __all__ = ["simulate_block", "BOR_CODES", "SITC_CODES", "PATTERN_CODES", "block_variables"]
 
@@ -200,8 +200,7 @@ def _apply_toxicity(plan: Plan, a: float, b: float, E, U, table, hold_days: floa
         u = min(marks)
         act = plan.active(t)
         if act and not plan.on_hold(t):
-            key = combined_class([c.klass for c in act])
-            h, q = hazard_per_day(table[key])
+            h, q = hazard_per_day(table_row(table, [c.klass for c in act]))
             need = E[plan.next_draw] - plan.cum_hazard
             if h > 0 and h * (u - t) >= need:
                 t_ae = t + need / h

@@ -471,14 +471,25 @@ def _check_scenario(sc: Scenario, spec: Mapping, file) -> None:
         raise SweepError(f"scenario {sc.name!r}: added_drug equals first_line", file=file,
                          section="factors", item="added_drug")
     if spec["toxicity"]["enabled"]:
-        from .toxicity import combined_class
-        classes = [t["class"]] + ([spec["treatments"][f["added_drug"]]["class"]]
-                                  if f["added_drug"] != "none" else [])
-        key = combined_class(classes)
-        if key not in spec["toxicity"]["table"]:
-            raise SweepError(f"scenario {sc.name!r}: no toxicity rate for regimen class {key!r} "
-                             f"(known: {', '.join(spec['toxicity']['table'])})", file=file,
-                             section="toxicity")
+        from .toxicity import combined_class, table_row
+        tr = spec["treatments"]
+        combos = [[t["class"]]]
+        if f["added_drug"] != "none":
+            combos += [[t["class"], tr[f["added_drug"]]["class"]], [tr[f["added_drug"]]["class"]]]
+        pol = spec["policies"].get(f["policy"], {})
+        for key in ("on_progression", "on_oligo_progression", "on_systemic_progression"):
+            act = pol.get(key)
+            to = act.get("to", act.get("treatment")) if isinstance(act, Mapping) else None
+            if to and to != "first_line":
+                combos += [[tr[to]["class"]], [t["class"], tr[to]["class"]]]
+        for classes in combos:
+            try:
+                table_row(spec["toxicity"]["table"], classes)
+            except KeyError:
+                raise SweepError(f"scenario {sc.name!r}: no toxicity rate for regimen class "
+                                 f"{combined_class(classes)!r} (known: "
+                                 f"{', '.join(spec['toxicity']['table'])})", file=file,
+                                 section="toxicity") from None
 
 
 # --------------------------------------------------------------------------- designs

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_toxicity_table", "combined_class", "hazard_per_day", "patient_draws",
+__all__ = ["load_toxicity_table", "combined_class", "table_row", "hazard_per_day", "patient_draws",
            "N_DRAWS"]
 
 _DEFAULT = Path(__file__).with_name("toxicity.csv")
@@ -69,6 +69,16 @@ def combined_class(classes) -> str:
     n_ici = tokens.count("ICI")
     others = sorted({t for t in tokens if t != "ICI"})
     return "+".join(["ICI"] * min(n_ici, 2) + others)
+
+
+def table_row(table: dict, classes) -> dict:
+    """The toxicity row of the regimen class of ``classes``.  A class without a row of its own
+    (e.g. an anti-angiogenic continued alone after the ICI ended) takes the row of the same
+    drugs with an ICI (an upper bound, our choice); KeyError if neither exists."""
+    key = combined_class(classes)
+    if key in table:
+        return table[key]
+    return table[combined_class(["ICI", *classes])]
 
 
 def hazard_per_day(row: dict) -> tuple[float, float]:
