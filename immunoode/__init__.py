@@ -14,7 +14,8 @@ from .model import Model, ModelBuilder
 from .modelfile import load_model, loads_model
 from .regimen import Dose, Regimen, Scale, load_regimen
 from .population import simulate_population
-from .sbml import read_sbml, read_sbml_with_regimen, to_sbml
+from .sbml import read_sbml, read_sbml_triggered, read_sbml_with_regimen, to_sbml
+from .triggered import Event, TriggeredModel, simulate_triggered
 from .response import assess_response
 from .sampling import sample_population
 from .simulate import simulate, time_grid
@@ -28,5 +29,6 @@ __all__ = [
     "load_model", "loads_model", "simulate_population", "Dose", "Regimen", "Scale", "load_regimen", "simulate",
     "time_grid", "read_sbml", "read_sbml_with_regimen", "to_sbml", "sample_population",
     "assess_response", "run_trial", "summary_table", "open_trial", "Lesion",
-    "multi_lesion_model", "simulate_sensitivities",
+    "multi_lesion_model", "simulate_sensitivities", "read_sbml_triggered", "Event",
+    "TriggeredModel", "simulate_triggered",
 ]

@@ -16,7 +16,7 @@ from pathlib import Path
 from ._version import __version__
 from .errors import ImmunoodeError
 
-DEFAULT_MODEL = "nsclc_io"
+DEFAULT_MODEL = "nsclc_io_fitted"
 DEFAULT_REGIMEN = "nsclc_pembrolizumab_200mg_q3w"
 
 
@@ -80,17 +80,31 @@ def _simulate(model_name, regimen_name, sets, t_end, dt, method, rtol, atol, out
     from .sbml import load_any_model
     from .simulate import simulate
 
-    model = load_any_model(resolve_model_path(model_name))
+    path = resolve_model_path(model_name)
+    triggered = None
+    if path.suffix.lower() in (".xml", ".sbml"):   # SBML events with state triggers
+        from .sbml import read_sbml_triggered
+        triggered = read_sbml_triggered(path)
+        model = triggered.model
+        if not triggered.events:
+            triggered = None
+    else:
+        model = load_any_model(path)
     for k in sets:
         if k not in model.parameters:
             from .model import _suggest
             raise ImmunoodeError(f"--set {k}: unknown parameter{_suggest(k, model.parameters)}")
     regimen = load_regimen(resolve_regimen_path(regimen_name)) if regimen_name else None
-    cm = compile_model(model)
-    print(f"compiled {model.name} in {cm.compile_time:.2f} s"
-          f"{' (from cache)' if cm.cache_hit else ''}", file=sys.stderr)
-    ds = simulate(cm, regimen, t_end=t_end, dt=dt, parameters=sets, method=method, rtol=rtol,
-                  atol=atol)
+    if triggered is not None:
+        target = triggered
+        print(f"{model.name}: {len(triggered.events)} state-triggered event(s), simulated "
+              f"with root finding", file=sys.stderr)
+    else:
+        target = compile_model(model)
+        print(f"compiled {model.name} in {target.compile_time:.2f} s"
+              f"{' (from cache)' if target.cache_hit else ''}", file=sys.stderr)
+    ds = simulate(target, regimen, t_end=t_end, dt=dt, parameters=sets, method=method,
+                  rtol=rtol, atol=atol)
     if out:
         path = write_results(ds, out)
         print(f"wrote {path}", file=sys.stderr)

@@ -64,3 +64,7 @@ class RegimenError(ModelError):
 
 class SimulationError(ImmunoodeError, RuntimeError):
     """The integrator failed (step size underflow, non-finite state, ...)."""
+
+
+class CalibrationError(ImmunoodeError, RuntimeError):
+    """A fit could not be carried out (e.g. every arm's simulation failed)."""

@@ -203,6 +203,9 @@ def simulate(model, regimen: Regimen | None = None, *, t_eval=None, t_end: float
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if type(model).__name__ == "TriggeredModel":   # SBML events with state triggers
+        return _simulate_triggered(model, regimen, t_eval, t_end, dt, parameters, initial,
+                                   method, rtol, atol, max_steps, outputs)
     cm = _compiled(model, method)
     t_eval = time_grid(t_end, dt) if t_eval is None else np.asarray(t_eval, dtype=float)
     if t_eval.ndim != 1 or len(t_eval) < 1 or not np.isfinite(t_eval.sum()) or \
@@ -249,6 +252,20 @@ def simulate(model, regimen: Regimen | None = None, *, t_eval=None, t_end: float
     attrs = cm.memo("provenance", prov_key,
                     lambda: provenance(cm, params, regimen, method, rtol, atol_v))
     return to_dataset(cm, t_eval, data, sel, attrs, stats)
+
+
+def _simulate_triggered(model, regimen, t_eval, t_end, dt, parameters, initial, method, rtol,
+                        atol, max_steps, outputs) -> xr.Dataset:
+    """A model with state-triggered events (:mod:`.triggered`): root finding on scipy's
+    dense output; doses must be written as events of the model."""
+    from .triggered import SOLVERS, simulate_triggered
+    if regimen is not None and len(regimen):
+        raise TypeError("simulate: a model with state-triggered events takes no regimen; "
+                        "write the doses as events")
+    ds = simulate_triggered(model, t_eval=t_eval, t_end=t_end, dt=dt, parameters=parameters,
+                            initial=initial, method=method if method in SOLVERS else "LSODA",
+                            rtol=rtol, atol=atol, max_steps=max_steps)
+    return ds if outputs is None else ds[list(outputs)]
 
 
 def to_dataset(cm: CompiledModel, t_eval, data, sel, attrs, stats=None) -> xr.Dataset:

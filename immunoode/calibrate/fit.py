@@ -76,7 +76,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..errors import ImmunoodeError, ModelError
+from ..errors import CalibrationError, ImmunoodeError, ModelError
 from .likelihood import DEFAULT_INTERVAL_SCALE, Likelihood, multinomial_nll, prior_nll
 from .targets import Target, TargetTable, load_targets
 from .vpop import (STATISTICS, Cohort, PopulationModel, VariableModel, indicators,
@@ -104,10 +104,6 @@ _STAGE_DEFAULTS = {"global_maxiter": 40, "global_popsize": 8, "mechanistic_grid"
 
 class FitFileError(ModelError):
     """A fit file is invalid (the message names the file, the section and the item)."""
-
-
-class CalibrationError(ImmunoodeError, RuntimeError):
-    """A fit could not be carried out (e.g. every arm's simulation failed)."""
 
 
 def _suggest(name, known) -> str:
