@@ -4,8 +4,8 @@
 * :func:`kaplan_meier` — Kaplan–Meier estimate with Greenwood variance and
   log(−log) ("exponential Greenwood", as lifelines / R ``conf.type="log-log"``) or
   plain confidence bands, median with its confidence interval (Brookmeyer–Crowley
-  style: where the bands cross 0.5).  Own implementation (numpy only; lifelines is
-  not a dependency);
+  style: where the bands cross 0.5).  Own implementation (numpy only, vectorised),
+  checked against lifelines' ``KaplanMeierFitter`` in the tests;
 * :func:`summarize` — ORR, DCR, BOR = PD share, SITC primary / secondary
   resistance, durable benefit, oligo-/systemic-progression shares, median PFS;
 * :func:`bootstrap_summary` — the same metrics for trials of size ``n`` drawn
