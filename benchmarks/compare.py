@@ -140,7 +140,7 @@ class Immunoode:
         except self.im.SimulationError as exc:
             print(f"immunoode FAILED: {exc}", flush=True)
             return float("nan")
-        return float(ds["Ts"][-1] + ds["Tr"][-1])
+        return float(ds["Ts"].values[-1] + ds["Tr"].values[-1])  # numpy, as for libRoadRunner
 
     def works(self) -> bool:
         """One nominal run; a failure must not be timed 20 times over (nor the population)."""
