@@ -68,3 +68,10 @@ class SimulationError(ImmunoodeError, RuntimeError):
 
 class CalibrationError(ImmunoodeError, RuntimeError):
     """A fit could not be carried out (e.g. every arm's simulation failed)."""
+
+
+def did_you_mean(name, candidates, cutoff: float = 0.6) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``candidates`` to ``name``, or ``""``."""
+    import difflib
+    match = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=cutoff)
+    return f" (did you mean {match[0]!r}?)" if match else ""

@@ -97,6 +97,13 @@ class _Translator:
         v = self._memo[e] = self._expr(e)
         return v
 
+    def _fold(self, op: str, args) -> int:
+        """``op(op(a0, a1), a2) ...`` over an n-ary sympy node's arguments."""
+        acc = self(args[0])
+        for a in args[1:]:
+            acc = self.b.op(op, acc, self(a))
+        return acc
+
     def _expr(self, e) -> int:
         b = self.b
         if e.is_Symbol:
@@ -163,11 +170,7 @@ class _Translator:
                 return b.op("div", b.const(1.0), b.op("sqrt", x))
             return b.op("pow", x, self(ex))
         if isinstance(e, (sympy.Min, sympy.Max)):
-            name = "min" if isinstance(e, sympy.Min) else "max"
-            acc = self(e.args[0])
-            for a in e.args[1:]:
-                acc = b.op(name, acc, self(a))
-            return acc
+            return self._fold("min" if isinstance(e, sympy.Min) else "max", e.args)
         if isinstance(e, sympy.Piecewise):
             acc = b.const(float("nan"))
             for ex, cond in reversed(e.args):
@@ -195,11 +198,7 @@ class _Translator:
         if type(e) in _REL:
             return b.op(_REL[type(e)], self(e.args[0]), self(e.args[1]))
         if isinstance(e, (sympy.And, sympy.Or)):
-            name = "and" if isinstance(e, sympy.And) else "or"
-            acc = self(e.args[0])
-            for a in e.args[1:]:
-                acc = b.op(name, acc, self(a))
-            return acc
+            return self._fold("and" if isinstance(e, sympy.And) else "or", e.args)
         if isinstance(e, sympy.Not):
             return b.op("not", self(e.args[0]))
         raise Unsupported(f"{type(e).__name__}")
@@ -275,22 +274,9 @@ def lu_programs(plan) -> tuple[tuple, tuple]:
     factor = tuple(b.ins)
 
     b = _Builder()
-    n = plan.n
-    x = [b.op("ld2", 1, 2, o) for o in plan.perm]
-    w = []
-    for i in range(n):
-        acc = x[i]
-        for sl, k in plan.lower[i]:
-            acc = b.op("sub", acc, b.op("mul", b.op("ld", 0, sl), w[k]))
-        w.append(acc)
-    z = [None] * n
-    for i in reversed(range(n)):
-        acc = w[i]
-        for sl, j in plan.upper[i]:
-            acc = b.op("sub", acc, b.op("mul", b.op("ld", 0, sl), z[j]))
-        z[i] = b.op("mul", acc, b.op("ld", 0, plan.diag_slot[i]))
-    for k, o in enumerate(plan.perm):
-        b.op("st2", 1, 2, o, z[k])
+    z = _solve_values(b, plan, [b.op("ld2", 1, 2, i) for i in range(plan.n)], 0)
+    for i in range(plan.n):
+        b.op("st2", 1, 2, i, z[i])
     return factor, tuple(b.ins)
 
 

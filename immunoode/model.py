@@ -11,7 +11,6 @@ cycles, states without an equation, non-finite values and units.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
@@ -20,7 +19,7 @@ from typing import Iterable, Mapping
 
 import sympy
 
-from .errors import ModelError, UnitError
+from .errors import ModelError, UnitError, did_you_mean
 from .expr import TIME, parse_expression
 
 __all__ = [
@@ -94,8 +93,7 @@ class Observable:
 
 
 def _suggest(name: str, candidates: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return did_you_mean(name, candidates)
 
 
 def _as_expr(value, *, section: str, item: str, where_file=None) -> sympy.Expr:

@@ -18,8 +18,8 @@ import numpy as np
 import xarray as xr
 
 from .compile import CompiledModel
-from .errors import ModelError
-from .errors import RegimenError
+from .errors import ModelError, RegimenError
+from .progress import Progress
 from .regimen import Regimen
 from .simulate import (COMPILED_METHODS, METHODS, STATUS_MESSAGES, _compiled, kernel_selection,
                        records_from_states, _atol_vector, prepare_events, provenance,
@@ -77,31 +77,6 @@ def _needs_per_patient_events(regimen: Regimen | None) -> bool:
     if regimen is None:
         return False
     return any("/" in (getattr(it, "unit", None) or "") for it in regimen.items)
-
-
-class _Progress:
-    """Rate and ETA on stderr, throttled; silent when disabled."""
-
-    def __init__(self, total: int, enabled: bool, label: str = "patients"):
-        self.total, self.enabled, self.label = total, enabled, label
-        self.t0 = time.perf_counter()
-        self.last = 0.0
-
-    def update(self, done: int, failed: int) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if now - self.last < 0.5 and done < self.total:
-            return
-        self.last = now
-        el = now - self.t0
-        rate = done / el if el > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        sys.stderr.write(f"\r{done}/{self.total} {self.label}  {rate:,.0f}/s  ETA {eta:,.0f} s  "
-                         f"failed {failed}   ")
-        if done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 def simulate_population(model, population, regimen: Regimen | None = None, *, t_eval=None,
@@ -174,7 +149,7 @@ def simulate_population(model, population, regimen: Regimen | None = None, *, t_
         bad[i] = True
     STATUS[bad] = -12
     todo = np.flatnonzero(~bad)
-    prog = _Progress(N, progress)
+    prog = Progress(N, progress)
     interrupted = False
     t_start = time.perf_counter()
     try:

@@ -27,7 +27,6 @@ Regimen files are TOML (see ``docs/regimen-file.md``)::
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 import tomllib
@@ -37,7 +36,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import RegimenError
+from .errors import RegimenError, did_you_mean
 
 __all__ = [
     "Dose",
@@ -83,9 +82,7 @@ _TOL = 1e-9  # relative tolerance on schedule end points (until / t_end)
 
 
 def _suggest(name: str, candidates) -> str:
-    """Return ``" (did you mean 'x'?)"`` for the closest candidate, or ``""``."""
-    match = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=0.5)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+    return did_you_mean(name, candidates, cutoff=0.5)
 
 
 def _number(value, name: str, *, optional: bool = True) -> float | None:

@@ -20,6 +20,7 @@ from ._version import __version__
 from .compile import CompiledModel, compile_model
 from .errors import ModelError, RegimenError, SimulationError
 from .regimen import Regimen
+from .triggered import TriggeredModel
 
 __all__ = ["simulate", "METHODS", "STATUS_MESSAGES", "prepare_events", "resolve_outputs",
            "time_grid", "provenance"]
@@ -203,7 +204,7 @@ def simulate(model, regimen: Regimen | None = None, *, t_eval=None, t_end: float
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if type(model).__name__ == "TriggeredModel":   # SBML events with state triggers
+    if isinstance(model, TriggeredModel):   # SBML events with state triggers
         return _simulate_triggered(model, regimen, t_eval, t_end, dt, parameters, initial,
                                    method, rtol, atol, max_steps, outputs)
     cm = _compiled(model, method)

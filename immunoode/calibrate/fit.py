@@ -76,7 +76,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..errors import CalibrationError, ImmunoodeError, ModelError
+from ..errors import CalibrationError, ImmunoodeError, ModelError, did_you_mean
 from .likelihood import DEFAULT_INTERVAL_SCALE, Likelihood, multinomial_nll, prior_nll
 from .targets import Target, TargetTable, load_targets
 from .vpop import (STATISTICS, Cohort, PopulationModel, VariableModel, indicators,
@@ -107,9 +107,7 @@ class FitFileError(ModelError):
 
 
 def _suggest(name, known) -> str:
-    import difflib
-    m = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
-    return f"; did you mean {m[0]!r}?" if m else ""
+    return did_you_mean(name, known)
 
 
 # --------------------------------------------------------------------------- fit file

@@ -27,6 +27,7 @@ import xarray as xr
 
 from .._version import __version__
 from ..errors import ImmunoodeError
+from ..progress import Progress
 from .block import BOR_CODES, PATTERN_CODES, SITC_CODES, block_variables, drug_labels, simulate_block
 from .engines import AbstractEngine, SerialEngine
 from .spec import FACTORS, SweepSpec, load_sweep
@@ -145,30 +146,6 @@ class _Store:
         self.g["chunk_status"][s, b] = status  # last: the chunk counts as done only when complete
 
 
-# --------------------------------------------------------------------------- progress
-class _Progress:
-    def __init__(self, total_chunks: int, patients_per_chunk: float, enabled: bool):
-        self.total, self.ppc, self.enabled = total_chunks, patients_per_chunk, enabled
-        self.t0 = time.perf_counter()
-        self.last = 0.0
-
-    def update(self, done: int, failed: int, scenarios_done: int, n_scen: int) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if now - self.last < 0.5 and done < self.total:
-            return
-        self.last = now
-        el = now - self.t0
-        rate = done * self.ppc / el if el > 0 else 0.0
-        eta = (self.total - done) * self.ppc / rate if rate > 0 else float("inf")
-        sys.stderr.write(f"\rchunks {done}/{self.total}  scenarios {scenarios_done}/{n_scen}  "
-                         f"{rate:,.0f} patients/s  ETA {eta:,.0f} s  failed {failed}   ")
-        if done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 # --------------------------------------------------------------------------- run
 def run_sweep(sweep, out=None, *, engine: AbstractEngine | None = None, resume: bool = True,
               progress: bool = False, policies: Mapping[str, Any] | None = None,
@@ -235,7 +212,7 @@ def run_sweep(sweep, out=None, *, engine: AbstractEngine | None = None, resume: 
                 "in_subgroup": masks[sc.factors["subgroup"]][sl], "scan_days": T,
                 "python_policies": dict(policies or {})}
 
-    prog = _Progress(len(todo), B, progress)
+    prog = Progress(len(todo), progress, "chunks", per_item=B, rate_unit=" patients")
     done = failed = 0
     per_scen_left = {s: sum(1 for x in todo if x[0] == s) for s in range(Sc)}
     computed = []
@@ -270,7 +247,8 @@ def run_sweep(sweep, out=None, *, engine: AbstractEngine | None = None, resume: 
                     mem["chunk_status"][s, b] = st
                 done += 1
                 per_scen_left[s] -= 1
-                prog.update(done, failed, sum(1 for v in per_scen_left.values() if v == 0), Sc)
+                n_done = sum(1 for v in per_scen_left.values() if v == 0)
+                prog.update(done, failed, f"  scenarios {n_done}/{Sc}")
             pending = again
             attempt += 1
     except KeyboardInterrupt:

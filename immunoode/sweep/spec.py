@@ -45,7 +45,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import ImmunoodeError, ModelError
+from ..errors import ImmunoodeError, ModelError, did_you_mean
 
 __all__ = ["SweepError", "SweepSpec", "Scenario", "FACTORS", "load_sweep", "build_scenarios",
            "TREATMENT_CLASSES"]
@@ -85,9 +85,7 @@ _DESIGNS = ("grid", "one_at_a_time", "sampled", "gsa", "optimize")
 
 
 def _suggest(name, options) -> str:
-    import difflib
-    m = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.5)
-    return f" (did you mean {m[0]!r}?)" if m else ""
+    return did_you_mean(name, options, cutoff=0.5)
 
 
 @dataclass(frozen=True)
