@@ -22,10 +22,11 @@ MODELS = ROOT / "models"
 NSCLC = MODELS / "nsclc"
 REGIMENS = MODELS / "regimens"
 COMPOSED = ["nsclc_io.toml", "nsclc_io_atezolizumab.toml", "nsclc_io_durvalumab.toml", "nsclc_io_nivo_ipi.toml",
-            "nsclc_io_chemo.toml", "nsclc_io_rt_2lesion.toml", "cic_nsclc.toml", "nsclc_io_novel_agents.toml"]
+            "nsclc_io_chemo.toml", "nsclc_io_rt_2lesion.toml", "cic_nsclc.toml", "nsclc_io_novel_agents.toml",
+            "nsclc_io_ctla4_agents.toml", "nsclc_io_tme_modulators.toml"]
 STANDALONE = ["patient.toml", "background.toml", "tumor.toml", "pk_pembrolizumab.toml",
               "pk_nivolumab.toml", "pk_atezolizumab.toml", "pk_durvalumab.toml", "pk_ipilimumab.toml",
-              "pk_chemo.toml"]
+              "pk_chemo.toml", "pk_tremelimumab.toml", "pk_pd1_ctla4_bispecific.toml"]
 PK_NEEDS_PATIENT = {"pk_pembrolizumab.toml", "pk_nivolumab.toml", "pk_atezolizumab.toml",
                     "pk_durvalumab.toml", "pk_ipilimumab.toml"}
 

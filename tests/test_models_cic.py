@@ -6,7 +6,10 @@
 * behaviour tests on the assembled model (each compares two simulations):
   5 (B cells/TLS), 9 (anti-angiogenic: CD8+ up, TAMs down), 10 (TKI kills driver-positive
   tumors only), 11 (secondary resistance through the resistant clone), 12 (rechallenge),
-  15 (PD-1-edited adoptive T cells in a PD-L1-high tumor).
+  15 (PD-1-edited adoptive T cells in a PD-L1-high tumor);
+* the agents added from parts (tremelimumab, the PD-1 x CTLA-4 bispecific, MDM2/SEMA4D/HDAC
+  modulators, the anti-CEACAM5 ADC) are wired into the assembled model: their hooks fill
+  occ_CTLA4 / occ_PD1, and each regimen changes the tumor only when it is dosed.
 """
 
 from __future__ import annotations
@@ -146,3 +149,29 @@ def test_durable_responder_progressing_off_treatment_responds_to_rechallenge(cic
     assert stop[700] >= 1.2 * nadir         # progression (RECIST sum +20%) after stopping
     assert rech[700:].min() <= 0.8 * rech[700]      # responds again to rechallenge
     assert rech[880] < 0.8 * stop[880]
+
+
+# ------------------------------------------------------- agents composed from parts
+NEW_AGENT_REGIMENS = ["durvalumab_tremelimumab_poseidon.toml", "cadonilimab_10mgkg_q3w.toml",
+                      "navtemadlin_240mg_d1_7_q4w.toml", "pepinemab_10mgkg_q3w.toml",
+                      "entinostat_5mg_weekly_pembrolizumab.toml", "tusamitamab_100mgm2_q2w.toml"]
+
+
+def test_new_agents_are_wired_into_assembled_model(cic):
+    outs = ("tumor_diameter", "occupancy_treme", "occupancy_cado_ctla4", "occupancy_cado_pd1_tumor",
+            "priming_rate")
+    dt = _sim(cic, _reg("durvalumab_tremelimumab_poseidon.toml"), 84.0, outs)
+    bs = _sim(cic, _reg("cadonilimab_10mgkg_q3w.toml"), 84.0, outs)
+    none = _sim(cic, None, 84.0, outs)
+    assert dt["occupancy_treme"].values[42] > 0.5 and bs["occupancy_cado_ctla4"].values[42] > 0.9
+    assert bs["occupancy_cado_pd1_tumor"].values[42] > 0.9
+    # CTLA-4 hook: priming up over weeks 2-12 against the untreated tumor
+    prim = lambda ds: ds["priming_rate"].values[14:85].mean()  # noqa: E731
+    assert prim(dt) > 1.1 * prim(none) and prim(bs) > 1.1 * prim(none)
+
+
+@pytest.mark.parametrize("name", NEW_AGENT_REGIMENS)
+def test_each_new_agent_changes_the_tumor_when_dosed(cic, name):
+    none = _sim(cic, None, 182.0)["tumor_diameter"].values
+    on = _sim(cic, _reg(name), 182.0)["tumor_diameter"].values
+    assert on[182] < 0.95 * none[182], name
