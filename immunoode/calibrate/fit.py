@@ -41,6 +41,8 @@ Fit file (TOML)::
     mechanistic_grid = 5
     mechanistic_refine = 6
     profile_points = 9
+    emcee_steps = 0                   # > 0: emcee posterior of the population parameters
+                                      # (also emcee_walkers, emcee_burn, emcee_thin)
 
     [arms.1l_ici_mono]
     trial = "trials/1l_ici_mono.toml"
@@ -94,12 +96,17 @@ _SECTIONS = {"fit", "cohort", "stages", "arms", "population", "parameters"}
 _FIT_KEYS = {"name", "kind", "targets", "seed", "interval_scale", "description"}
 _COHORT_KEYS = {"n", "method", "n_jobs", "min_ess"}
 _STAGE_KEYS = {"global_maxiter", "global_popsize", "mechanistic_grid", "mechanistic_refine",
-               "profile_points", "local_max_nfev"}
+               "profile_points", "local_max_nfev", "emcee_steps", "emcee_walkers", "emcee_burn",
+               "emcee_thin"}
 _ARM_KEYS = {"trial", "label", "covariates", "n"}
 _POP_KEYS = {"dist", "median", "cv", "mean", "sd", "effects"}
 _PAR_KEYS = {"kind", "value", "min", "max", "vary", "scale", "prior", "description", "unit"}
 _STAGE_DEFAULTS = {"global_maxiter": 40, "global_popsize": 8, "mechanistic_grid": 5,
-                   "mechanistic_refine": 6, "profile_points": 9, "local_max_nfev": 400}
+                   "mechanistic_refine": 6, "profile_points": 9, "local_max_nfev": 400,
+                   "emcee_steps": 0, "emcee_walkers": 0, "emcee_thin": 1}
+# emcee_* may be 0 (steps 0 = no posterior sampling, walkers 0 = automatic); emcee_burn
+# defaults to a quarter of the steps
+_STAGE_ZERO_OK = {"emcee_steps", "emcee_walkers", "emcee_burn"}
 
 
 class FitFileError(ModelError):
@@ -254,7 +261,15 @@ def load_fit(path) -> FitSpec:
     _keys(s, _STAGE_KEYS, file, "stages")
     stages.update(s)
     for k in stages:
-        stages[k] = _number(stages[k], file, "stages", None, k, integer=True, positive=True)
+        stages[k] = _number(stages[k], file, "stages", None, k, integer=True,
+                            positive=k not in _STAGE_ZERO_OK)
+        if k in _STAGE_ZERO_OK and stages[k] < 0:
+            raise FitFileError(f"{k!r} must be >= 0; got {stages[k]!r}", file=file,
+                               section="stages")
+    if stages["emcee_steps"] and stages.get("emcee_burn", 0) >= stages["emcee_steps"]:
+        raise FitFileError(f"'emcee_burn' ({stages['emcee_burn']}) must be smaller than "
+                           f"'emcee_steps' ({stages['emcee_steps']})", file=file,
+                           section="stages")
 
     # parameters
     params: dict[str, ParameterSpec] = {}
@@ -518,6 +533,10 @@ class RateFit:
             self.say("simulate", f"arm {arm.name}: {n} plausible patients at {dict(key)}")
             ds = run_trial(tspec, n=n, seed=self.spec.seed, n_jobs=int(self.spec.cohort["n_jobs"]),
                            progress=self.progress, model=self._models[arm.name])
+            if int(ds.attrs.get("interrupted", 0)):
+                # run_trial keeps the finished patients on Ctrl-C; a fit must not go on with
+                # a partial cohort, so the interrupt is passed on (no outputs are written)
+                raise KeyboardInterrupt(f"cohort of arm {arm.name!r} interrupted")
             plaus = {v: tspec["population"]["parameters"][v] for v in self.spec.population.names}
             pcov = tuple(sorted({c for v in self.spec.population.variables for c, _ in v.effects
                                  if c not in arm.covariates}))
@@ -603,6 +622,9 @@ class FitResult:
         Objective evaluations, cohort simulations and derived rates.
     attrs
         Provenance (fit file hash, seed, model hashes, immunoode version, cohort sizes).
+    posterior
+        :class:`~immunoode.calibrate.posterior.Posterior` samples of the population
+        parameters (``[stages] emcee_steps > 0``), else ``None``.
     """
 
     spec: FitSpec
@@ -617,6 +639,7 @@ class FitResult:
     ess: dict
     grid: list
     attrs: dict
+    posterior: object = None
 
 
 def _grid(p: ParameterSpec, n: int) -> np.ndarray:
@@ -746,9 +769,15 @@ def _widen_by_mechanistic_profile(spec: FitSpec, m: str, grid: list, intervals: 
 
 
 def _fit_population(rf: RateFit, params, data, *, global_stage: bool, stages: Mapping,
-                    seed: int, fixed: Mapping[str, float] | None = None):
+                    seed: int, fixed: Mapping[str, float] | None = None,
+                    starts: list | None = None):
     """Fit the varied population parameters (mechanistic ones fixed) on given cohorts:
-    optionally lmfit differential evolution (global), then lmfit least squares (local)."""
+    optionally lmfit differential evolution (global), then lmfit least squares (local).
+
+    In the global stage, least squares is also started from ``params`` itself and from each
+    of ``starts`` (dicts of values, e.g. the best of earlier grid points); the lowest χ² wins.
+    A short differential evolution over ten or more parameters can stop in a poor basin, and
+    these warm starts make the result no worse than the best known point."""
     import lmfit
     ps = copy.deepcopy(params)
     for name, p in rf.spec.parameters.items():
@@ -771,10 +800,23 @@ def _fit_population(rf: RateFit, params, data, *, global_stage: bool, stages: Ma
             generations[0] += 1
             return generations[0] >= limit
 
+        warm = [copy.deepcopy(ps)]
+        for st_values in starts or ():
+            w = copy.deepcopy(ps)
+            for k, p in w.items():
+                if p.vary and k in st_values:
+                    p.set(value=min(max(float(st_values[k]), p.min), p.max))
+            warm.append(w)
         res = mini.minimize(method="differential_evolution", max_nfev=10 ** 8,
                             popsize=int(stages["global_popsize"]), seed=int(seed),
                             polish=False, tol=0.01, atol=0.05, callback=stop_after)
-        ps = res.params
+        best = None
+        for start in [res.params] + warm:
+            r = mini.minimize(method="least_squares", params=start,
+                              max_nfev=int(stages["local_max_nfev"]))
+            if best is None or r.chisqr < best.chisqr - 1e-12:
+                best = r
+        return best, best.params
     res = mini.minimize(method="least_squares", params=ps,
                         max_nfev=int(stages["local_max_nfev"]))
     return res, res.params
@@ -874,7 +916,8 @@ def run_fit(spec_or_path, *, progress: bool = False, profiles: bool = True,
         ps = copy.deepcopy(params0)
         for k, v in mv.items():
             ps[k].value = v
-        res, ps = _fit_population(rf, ps, data, global_stage=True, stages=st, seed=spec.seed)
+        res, ps = _fit_population(rf, ps, data, global_stage=True, stages=st, seed=spec.seed,
+                                  starts=[best[1]] if best is not None else None)
         vals = ps.valuesdict()
         chi = rf.chisqr(vals, data)
         grid.append({"point": i, **mv, "chisqr": chi, "values": dict(vals)})
@@ -928,6 +971,23 @@ def run_fit(spec_or_path, *, progress: bool = False, profiles: bool = True,
         time.perf_counter() - t0
     evals_local = rf.n_eval - ev0
     say("local", f"best chi2 = {chi_best:.3f}")
+
+    # ---- optional posterior sampling (population parameters, best mechanistic cohorts)
+    posterior, evals_post = None, 0
+    if int(st.get("emcee_steps", 0)) > 0:
+        from .posterior import sample_posterior
+        t0 = time.perf_counter()
+        ev0 = rf.n_eval
+        steps = int(st["emcee_steps"])
+        say("posterior", f"emcee: {steps} steps")
+        posterior = sample_posterior(rf, values, data, steps=steps,
+                                     walkers=int(st.get("emcee_walkers", 0)),
+                                     burn=st.get("emcee_burn"), thin=int(st.get("emcee_thin", 1)),
+                                     seed=spec.seed)
+        stages_t["posterior (emcee)"] = time.perf_counter() - t0
+        evals_post = rf.n_eval - ev0
+        say("posterior", f"acceptance {posterior.acceptance:.2f}, "
+                         f"{rf.n_eval - ev0} evaluations")
 
     # ---- profiles
     t0 = time.perf_counter()
@@ -992,6 +1052,7 @@ def run_fit(spec_or_path, *, progress: bool = False, profiles: bool = True,
     }
     counts = {"objective_evaluations": rf.n_eval, "global_evaluations": evals_global,
               "local_evaluations": evals_local, "profile_evaluations": evals_prof,
+              **({"posterior_evaluations": evals_post} if posterior is not None else {}),
               "cohort_simulations": rf.n_sim,
               "simulated_patients": int(sum(d.cohort.size for d in data.values()))
               * max(1, len(rf._cache)),
@@ -999,7 +1060,7 @@ def run_fit(spec_or_path, *, progress: bool = False, profiles: bool = True,
               "reweighting_evaluations_per_second":
                   (rf.n_eval / max(total - rf.sim_time, 1e-9))}
     return FitResult(spec, values, chi_best, final, table, intervals, profs, stages_t, counts,
-                     ess, grid, attrs)
+                     ess, grid, attrs, posterior)
 
 
 def _version() -> str:

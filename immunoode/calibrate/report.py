@@ -68,6 +68,23 @@ def fit_report(result) -> str:
     held = result.table[result.table.role == "heldout"]
     lines.append(f"    fitted targets met: {int(fit_rows.met.sum())}/{len(fit_rows)}; held-out "
                  f"predictions inside the published interval: {int(held.met.sum())}/{len(held)}")
+    post = getattr(result, "posterior", None)
+    if post is not None:
+        st = post.settings
+        lines.append(f"[[Posterior]]  (emcee on the best cohorts: {st['walkers']} walkers x "
+                     f"{st['steps']} steps, burn-in {st['burn']}, thin {st['thin']}; "
+                     f"{len(post.samples)} samples; acceptance {post.acceptance:.2f})")
+        lines.append(f"    {'parameter':<22} {'2.5%':>10} {'median':>10} {'97.5%':>10} "
+                     f"{'autocorr':>9}")
+        for name, q in post.summary().items():
+            tau = post.autocorr.get(name, math.nan)
+            lines.append(f"    {name:<22} {q['q2.5']:>10.4g} {q['q50']:>10.4g} "
+                         f"{q['q97.5']:>10.4g} {tau:>9.3g}")
+        short = [k for k, t in post.autocorr.items()
+                 if not math.isfinite(t) or 50 * t > st["steps"]]
+        if short:
+            lines.append("    Chains shorter than 50 autocorrelation times (treat the quantiles "
+                         "as rough): " + ", ".join(short))
     lines.append("[[Stages]]  (wall-clock seconds)")
     for k, v in result.stages.items():
         lines.append(f"    {k:<62} {v:9.1f}")
@@ -288,10 +305,18 @@ def write_fit_outputs(result, out_dir) -> list[Path]:
         prof[["parameter", "value", "chisqr", "delta_chisqr"]].to_csv(p, index=False,
                                                                        float_format="%.6g")
         files.append(p)
+    post = getattr(result, "posterior", None)
+    if post is not None:
+        p = out / "posterior.csv"
+        post.samples.to_csv(p, index=False, float_format="%.6g")
+        files.append(p)
     summary = {"fit": result.spec.name, "chisqr": result.chisqr, "values": result.values,
                "intervals": {k: list(v) for k, v in result.intervals.items()},
                "stages_seconds": result.stages, "counts": result.counts, "ess": result.ess,
-               "grid": result.grid, "provenance": result.attrs}
+               "grid": result.grid, "provenance": result.attrs,
+               **({"posterior": {"summary": post.summary(), "acceptance": post.acceptance,
+                                 "autocorr": post.autocorr, "settings": post.settings}}
+                  if post is not None else {})}
     put("summary.json", json.dumps(summary, indent=1, default=str))
     for name, fn in (("targets_vs_simulated.png", targets_vs_simulated_plot),
                      ("profiles.png", profiles_plot)):
