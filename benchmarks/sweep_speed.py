@@ -2,9 +2,14 @@
 
     python -m benchmarks.sweep_speed                       # 10 scenarios x 400 patients
     python -m benchmarks.sweep_speed --scenarios 50 --patients 2000   # the issue's target size
+    python -m benchmarks.sweep_speed --fitted             # the calibrated model and population
+    python -m benchmarks.sweep_speed --fitted --lesions   # ... with 3 lesions per patient
 
 Runs one scenario sweep (pembrolizumab q3w/q6w x duration x RT fractions on the library model
-nsclc_io, nominal parameters, toxicity on) three ways and prints machine-readable lines:
+nsclc_io, nominal parameters, toxicity on; ``--fitted``: nsclc_io_fitted with the fitted
+parameter file and the calibrated population of sweeps/stop_2y_rechallenge.toml;
+``--lesions``: plus the three-lesion [lesions] of sweeps/oligo_rt_vs_switch.toml) three ways
+and prints machine-readable lines:
 
 * local: 2 processes (ProcessEngine(2)), fresh store;
 * dask: a 2-worker LocalCluster (DaskEngine(n_workers=2)), fresh store (cluster start-up
@@ -29,10 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+
 SWEEP = """
 [sweep]
 name = "benchmark"
-model = "nsclc_io"
+model = "{model}"
+{parameters}
 trial = "nsclc_1l_pembrolizumab"
 n = {patients}
 seed = 7
@@ -56,6 +64,13 @@ rt_fractions = [0, 3]
 """
 
 
+def _section(example: str, start: str, stop: str | None) -> str:
+    """A block of an example sweep file, from the line ``start`` to the line ``stop``."""
+    text = (ROOT / "sweeps" / example).read_text()
+    a = text.index(start)
+    return text[a:text.index(stop, a)] if stop else text[a:]
+
+
 def _design(n_scen: int):
     """Factor lists whose grid has about ``n_scen`` scenarios."""
     intervals = [21.0, 28.0, 35.0, 42.0, 49.0]
@@ -76,6 +91,9 @@ def main(argv=None) -> None:
     ap.add_argument("--patients", type=int, default=400)
     ap.add_argument("--block", type=int, default=100)
     ap.add_argument("--skip-dask", action="store_true")
+    ap.add_argument("--fitted", action="store_true",
+                    help="nsclc_io_fitted + fitted parameters + calibrated population")
+    ap.add_argument("--lesions", action="store_true", help="three lesions per patient")
     args = ap.parse_args(argv)
 
     from immunoode.sweep.engines import DaskEngine, ProcessEngine
@@ -85,10 +103,20 @@ def main(argv=None) -> None:
     iv, du = _design(args.scenarios)
     tmp = Path(tempfile.mkdtemp(prefix="sweep_bench_"))
     f = tmp / "bench.toml"
-    f.write_text(SWEEP.format(patients=args.patients, block=args.block, intervals=json.dumps(iv),
-                              durations=json.dumps(du)))
+    text = SWEEP.format(
+        patients=args.patients, block=args.block, intervals=json.dumps(iv), durations=json.dumps(du),
+        model="nsclc_io_fitted" if args.fitted else "nsclc_io",
+        parameters=(f'parameters = "{ROOT / "fits/nsclc_icis/fitted_parameters.toml"}"'
+                    if args.fitted else ""))
+    if args.lesions:
+        text += "\n" + _section("oligo_rt_vs_switch.toml", "# ---- lesions", "# ---- fitted population")
+    if args.fitted:
+        text += "\n" + _section("stop_2y_rechallenge.toml", "# ---- fitted population", None)
+    f.write_text(text)
     spec = load_sweep(f)
     S, N = len(spec.scenarios), args.patients
+    print(f"model: {spec.data['sweep']['model']}, fitted parameters: {bool(args.fitted)}, "
+          f"lesions per patient: {len(spec.data['trial']['lesions']['lesion']) if args.lesions else 1}")
     print(f"sweep: {S} scenarios x {N} patients = {S * N} patient simulations, "
           f"block {args.block} ({S * int(np.ceil(N / args.block))} chunks)", flush=True)
     run_sweep(spec, None, n=min(N, 8), max_chunks=1)  # compile / warm the cache once

@@ -10,6 +10,11 @@ segment start the next one, and the policy acts on the scan read at ``t_k+1`` (b
 dose given that day).  Doses are expanded here from the regimen items with the regimen
 module's unit conversion; a dose given on a scan day belongs to the segment that starts
 that day.
+
+With several lesions (a :class:`~immunoode.lesions.LesionModel`) every lesion is measured
+at each scan and read by :class:`~immunoode.sweep.lesionscan.LesionTracker` (RECIST 1.1 on
+the sum of diameters, new lesions, oligo vs systemic); radiotherapy and resection scale
+only the treated lesions' copies of the states.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from typing import Mapping
 import numpy as np
 
 from ..regimen import KIND_BOLUS, KIND_INFUSION, KIND_SCALE, Dose, convert_amount, regimen_from_dict
-from .policy import ACTION_CODES, Action, ScanView
+from .lesionscan import LesionTracker
+from .policy import ACTION_CODES, LOCAL_ACTIONS, Action, ScanView
 from .toxicity import hazard_per_day, patient_draws, table_row
 
 __all__ = ["simulate_block", "BOR_CODES", "SITC_CODES", "PATTERN_CODES", "block_variables"]
@@ -61,7 +67,9 @@ class Plan:
 
     courses: list = field(default_factory=list)
     holds: list = field(default_factory=list)
-    rt: list = field(default_factory=list)      # (time, factor) scale events
+    rt: list = field(default_factory=list)      # (time, state index, factor) scale events
+    lesion_rt: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+    resected: np.ndarray = field(default_factory=lambda: np.zeros(1, bool))
     line_start: float = float("nan")
     stop_reason: str = ""
     tox_discontinued: bool = False
@@ -259,10 +267,15 @@ def _segment_events(plan: Plan, a: float, b: float, first: bool, given: dict):
 
 
 # --------------------------------------------------------------------------- main
-def block_variables(n_scan: int, n_drug: int) -> dict[str, tuple]:
+def block_variables(n_scan: int, n_drug: int, n_lesion: int = 1) -> dict[str, tuple]:
     """Per-patient output variables of a block: name -> (extra dims, dtype, fill)."""
     return {
         "size": (("scan",), np.float64, np.nan),
+        "lesion_size": (("scan", "lesion"), np.float64, np.nan),
+        "lesion_present": (("lesion",), np.bool_, False),
+        "lesion_progressing": (("lesion",), np.bool_, False),
+        "lesion_rt_courses": (("lesion",), np.int16, -1),
+        "lesion_resected": (("lesion",), np.bool_, False),
         "action": (("scan",), np.int8, -1),
         "bor": ((), np.int8, -1), "sitc": ((), np.int8, -1), "pattern": ((), np.int8, -1),
         "measurable": ((), np.bool_, False),
@@ -279,7 +292,8 @@ def block_variables(n_scan: int, n_drug: int) -> dict[str, tuple]:
 
 def simulate_block(cm, spec: Mapping, factors: Mapping, patients: np.ndarray,
                    columns: Mapping[str, np.ndarray], in_subgroup: np.ndarray, scan_days: np.ndarray,
-                   *, policy=None) -> dict[str, np.ndarray]:
+                   *, policy=None, lesion_model=None, present: np.ndarray | None = None
+                   ) -> dict[str, np.ndarray]:
     """Simulate one scenario for one block of patients.
 
     Parameters
@@ -292,6 +306,10 @@ def simulate_block(cm, spec: Mapping, factors: Mapping, patients: np.ndarray,
     in_subgroup : patients of the scenario's subgroup (others are not simulated).
     scan_days : [day] scan schedule, baseline first.
     policy : :class:`~immunoode.sweep.policy.AbstractPolicy` or None.
+    lesion_model : the :class:`~immunoode.lesions.LesionModel` of a multi-lesion sweep
+        (``cm`` is its compiled model), None for one lesion.
+    present : (patient, lesion) lesions the patients have (default all); the columns of an
+        absent lesion must already hold zero tumor states.
 
     Returns
     -------
@@ -300,14 +318,19 @@ def simulate_block(cm, spec: Mapping, factors: Mapping, patients: np.ndarray,
     from ..response import assess_response
     from ..simulate import _atol_vector, records_from_states, resolve_outputs
 
+    lm = lesion_model
     n = len(patients)
     T = np.asarray(scan_days, float)
     S = len(T)
+    L = 1 if lm is None else lm.n_lesions
     trial = spec["trial"]
     drugs = drug_labels(spec)
-    out = {k: np.full((n,) + tuple({"scan": S, "drug": len(drugs)}[d] for d in dims), fill, dtype=dt)
-           for k, (dims, dt, fill) in block_variables(S, len(drugs)).items()}
+    out = {k: np.full((n,) + tuple({"scan": S, "drug": len(drugs), "lesion": L}[d] for d in dims),
+                      fill, dtype=dt)
+           for k, (dims, dt, fill) in block_variables(S, len(drugs), L).items()}
     out["in_subgroup"][:] = in_subgroup
+    present = np.ones((n, L), bool) if present is None else np.asarray(present, bool).reshape(n, L)
+    out["lesion_present"][:] = present
     todo = np.flatnonzero(in_subgroup)
     if todo.size == 0:
         return out
@@ -316,7 +339,11 @@ def simulate_block(cm, spec: Mapping, factors: Mapping, patients: np.ndarray,
     pn, sn = cm.parameter_names, cm.state_names
     P = np.repeat(cm.parameter_vector()[None, :], n, axis=0)
     for k, v in {**spec["sweep"]["parameter_values"], **factors.get("_parameters", {})}.items():
-        P[:, pn.index(k)] = v
+        if lm is not None and k in lm.local_parameters:  # one copy per lesion, times its factor
+            for nm, f in zip(lm.names(k), lm.factor(k)):
+                P[:, pn.index(nm)] = v * f
+        else:
+            P[:, pn.index(k)] = v
     init = {}
     for k, v in columns.items():
         if k in pn:
@@ -327,7 +354,7 @@ def simulate_block(cm, spec: Mapping, factors: Mapping, patients: np.ndarray,
     for k, v in init.items():
         Y[:, sn.index(k)] = v
     obs = trial["trial"]["lesion_observable"]
-    osel = resolve_outputs(cm, [obs])
+    osel = resolve_outputs(cm, [obs] if lm is None else lm.names(obs))
     to_mm = _UNIT_TO_MM[trial["trial"]["diameter_unit"]]
     resp = dict(trial["response"])
     detect = float(resp.get("detect_mm", 5.0))
@@ -339,11 +366,26 @@ def simulate_block(cm, spec: Mapping, factors: Mapping, patients: np.ndarray,
     tox = spec["toxicity"]
     E, U = patient_draws(int(spec["sweep"]["seed"]), patients)
     rt = spec["radiotherapy"]
-    rt_idx = [sn.index(s) for s in rt["targets"]]
+    if lm is None:
+        rt_idx = [[sn.index(s) for s in rt["targets"]]]
+        cut_idx = [[]]
+    else:  # each lesion's own copies of the targets
+        rt_idx = [[sn.index(lm.names(s)[k]) for s in rt["targets"]] for k in range(L)]
+        cut_idx = [[sn.index(lm.names(s)[k]) for s in spec.get("resection", {}).get("states", [])]
+                   for k in range(L)]
 
-    def rt_events(t0, dose_gy, fractions, every):
+    def rt_events(t0, dose_gy, fractions, every, lesions=(1,)):
+        """LQ scale events of a radiotherapy course to the 1-based ``lesions``."""
         f = math.exp(-rt["alpha"] * dose_gy - rt["beta"] * dose_gy ** 2)
-        return [(t0 + j * every, i, f) for j in range(int(fractions)) for i in rt_idx]
+        return [(t0 + j * every, i, f) for j in range(int(fractions)) for k in lesions
+                for i in rt_idx[k - 1]]
+
+    def resect_events(t0, lesions):
+        """Scale events that set the resected lesions' local states to 0."""
+        if lm is None:
+            raise ValueError("action 'resect' needs several lesions ([lesions] in the sweep or "
+                             "its trial)")
+        return [(t0, i, 0.0) for k in lesions for i in cut_idx[k - 1]]
 
     # plans at day 0
     fl_items = _modify_first_line(_template_items(spec, factors["first_line"]), factors, horizon)
@@ -364,25 +406,47 @@ def simulate_block(cm, spec: Mapping, factors: Mapping, patients: np.ndarray,
     status = np.zeros(n, np.int64)
     for i in todo:
         params = dict(zip(pn, P[i]))
-        pl = Plan(line_start=min(t_fl, t_add))
+        pl = Plan(line_start=min(t_fl, t_add), lesion_rt=np.zeros(L, np.int64),
+                  resected=np.zeros(L, bool))
         pl.courses.append(make_course(factors["first_line"], fl_class, fl_items, t_fl, cm, params,
                                       drugs, horizon, max_d))
         if added != "none":
             pl.courses.append(make_course(added, spec["treatments"][added]["class"], add_items, t_add,
                                           cm, params, drugs, horizon, None))
-        if factors["rt_fractions"]:
+        les = int(factors.get("rt_lesion", 1))
+        if les > L:
+            raise ValueError(f"rt_lesion = {les} but the model has {L} lesion(s)")
+        if factors["rt_fractions"] and present[i, les - 1]:  # an absent lesion gets no RT
             pl.rt.extend(rt_events(t_fl + factors["rt_day"], factors["rt_dose_gy"],
-                                   factors["rt_fractions"], factors["rt_every"]))
+                                   factors["rt_fractions"], factors["rt_every"], (les,)))
+            pl.lesion_rt[les - 1] += 1
         plans[i] = pl
         given[i] = {"dose": np.zeros(len(drugs)), "first": np.inf, "last": -np.inf, "interval": 0.0}
 
     def measure(states, rows):
-        rec = records_from_states(cm, np.array([0.0]), states[:, :, None], P[rows], osel)[:, 0, 0]
+        """(rows, lesion) measured sizes [mm], 0 below the detection limit."""
+        with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 records of absent lesions
+            rec = records_from_states(cm, np.array([0.0]), states[:, :, None], P[rows], osel)[:, :, 0]
         mm = rec * to_mm
         return np.where(mm < detect, 0.0, mm)
 
+    sites = tuple(lm.sites) if lm is not None else (str(trial["trial"].get("lesion_site", "lung")),)
     sizes = out["size"]
-    sizes[todo, 0] = measure(Y[todo], todo)
+    lsize = out["lesion_size"]
+    m0 = measure(Y[todo], todo)
+    lsize[todo, 0] = np.where(present[todo], m0, np.nan)
+    trackers: list[LesionTracker | None] = [None] * n
+    if lm is None:
+        sizes[todo, 0] = m0[:, 0]
+    else:
+        from ..lesions import site_index
+        is_node = [les.is_node for les in lm.lesions]
+        organ = [site_index(x) for x in lm.sites]
+        opts = {k: resp[k] for k in ("nontarget_pd", "oligo_max_lesions", "oligo_max_organs",
+                                     "lesion_pd_rel", "lesion_pd_abs") if k in resp}
+        for r, i in enumerate(todo):
+            trackers[i] = LesionTracker(m0[r], is_node, organ, **opts)
+            sizes[i, 0] = trackers[i].baseline_sod
     actions = out["action"]
     actions[todo, 0] = 0
     base_mm = sizes[:, 0].copy()
@@ -419,24 +483,39 @@ def simulate_block(cm, spec: Mapping, factors: Mapping, patients: np.ndarray,
             alive = alive[ok]
         if not alive.size:
             continue
-        sizes[alive, k] = measure(Y[alive], alive)
-        for i in alive:
-            s = sizes[i, k]
+        mk = measure(Y[alive], alive)
+        lsize[alive, k] = np.where(present[alive], mk, np.nan)
+        if lm is None:
+            sizes[alive, k] = mk[:, 0]
+        for r, i in enumerate(alive):
             pl = plans[i]
-            measurable = base_mm[i] >= 10.0
-            prog = bool(measurable and s >= 1.2 * nadir[i] - 1e-9 and s >= nadir[i] + 5.0 - 1e-9)
+            if lm is None:
+                s = sizes[i, k]
+                measurable = base_mm[i] >= 10.0
+                prog = bool(measurable and s >= 1.2 * nadir[i] - 1e-9 and s >= nadir[i] + 5.0 - 1e-9)
+                pattern = "oligo" if int(resp.get("oligo_max_lesions", 3)) >= 1 else "systemic"
+                progressing, new, nad = ((1,) if prog else ()), (), nadir[i]
+            else:
+                reading = trackers[i].read(mk[r])
+                s = sizes[i, k] = reading.sod_mm
+                prog, pattern = reading.progression, reading.pattern
+                progressing, new, nad = reading.progressing, reading.new, trackers[i].sod_nadir
+                trackers[i].update(mk[r], reading)
             code = 0
             if prog:
                 if n_prog[i] == 1 and not np.isfinite(pfs2[i]):
                     pfs2[i] = b
                 act_now = pl.active(b)
-                view = ScanView(int(patients[i]), k, b, float(s), float(base_mm[i]), float(nadir[i]),
-                                True, "oligo" if int(resp.get("oligo_max_lesions", 3)) >= 1 else "systemic",
-                                bool(act_now), tuple(c.name for c in act_now), int(n_prog[i]),
-                                pl.last_stop_reason(), float(b - pl.line_start) if act_now else float("nan"))
+                view = ScanView(int(patients[i]), k, b, float(s), float(base_mm[i]), float(nad),
+                                True, pattern, bool(act_now), tuple(c.name for c in act_now),
+                                int(n_prog[i]), pl.last_stop_reason(),
+                                float(b - pl.line_start) if act_now else float("nan"),
+                                lesion_sizes_mm=tuple(float(x) for x in mk[r]),
+                                progressing_lesions=progressing, new_lesions=new, lesion_sites=sites)
                 action = policy.decide(view) if policy is not None else Action()
                 code = _apply_action(action, pl, b, factors, spec, cm, dict(zip(pn, P[i])), drugs,
-                                     horizon, rt_events, fl_items, max_d)
+                                     horizon, rt_events, fl_items, max_d, view=view,
+                                     resect_events=resect_events, present=present[i])
                 n_prog[i] += 1
                 nadir[i] = s
             else:
@@ -448,12 +527,20 @@ def simulate_block(cm, spec: Mapping, factors: Mapping, patients: np.ndarray,
     last_dose = np.array([given[i]["last"] if given[i] and np.isfinite(given[i]["last"]) else np.nan
                           for i in range(n)])
     if ok.size:
-        r = {k: v for k, v in resp.items() if k in ("confirm", "confirm_days", "min_sd_days",
-                                                      "detect_mm", "sitc_rule", "min_exposure_days",
-                                                      "benefit_days", "off_treatment_days",
-                                                      "oligo_max_lesions", "oligo_max_organs")}
-        ds = assess_response(sizes[ok][:, None, :], T, stop_time=last_dose[ok], is_node=[False],
-                             organ=[0], **r)
+        keys = ("confirm", "confirm_days", "min_sd_days", "detect_mm", "sitc_rule",
+                "min_exposure_days", "benefit_days", "off_treatment_days", "oligo_max_lesions",
+                "oligo_max_organs")
+        if lm is None:
+            r = {k: v for k, v in resp.items() if k in keys}
+            ds = assess_response(sizes[ok][:, None, :], T, stop_time=last_dose[ok], is_node=[False],
+                                 organ=[0], **r)
+        else:
+            from ..lesions import SITES
+            keys += ("nontarget_pd", "lesion_pd_rel", "lesion_pd_abs")
+            r = {k: v for k, v in resp.items() if k in keys}
+            ds = assess_response(np.moveaxis(lsize[ok], 2, 1), T, stop_time=last_dose[ok],
+                                 is_node=is_node, organ=organ, site_names=list(SITES), **r)
+        out["lesion_progressing"][ok] = ds["lesion_progressing"].values
         out["bor"][ok] = [BOR_CODES.index(x) for x in ds["bor"].values]
         out["sitc"][ok] = [SITC_CODES.index(x) for x in ds["sitc"].values]
         out["pattern"][ok] = [PATTERN_CODES.index(x) for x in ds["pattern"].values]
@@ -475,11 +562,26 @@ def simulate_block(cm, spec: Mapping, factors: Mapping, patients: np.ndarray,
         out["tox_events"][i] = plans[i].tox_events
         out["tox_first_day"][i] = plans[i].tox_first
         out["tox_discontinued"][i] = plans[i].tox_discontinued
+        out["lesion_rt_courses"][i] = plans[i].lesion_rt
+        out["lesion_resected"][i] = plans[i].resected
     return out
 
 
+def _target_lesions(action: Action, view: ScanView | None, present: np.ndarray) -> tuple:
+    """1-based lesions a local action treats: its own ``lesions`` or the progressing ones,
+    those the patient has."""
+    les = action.lesions if action.lesions is not None else (view.progressing_lesions if view else (1,))
+    les = tuple(int(j) for j in les)
+    bad = [j for j in les if not 1 <= j <= len(present)]
+    if bad:
+        raise ValueError(f"action {action.kind!r} names lesion(s) {bad}; the model has lesions "
+                         f"1..{len(present)}")
+    return tuple(j for j in les if present[j - 1])
+
+
 def _apply_action(action: Action, pl: Plan, t: float, factors, spec, cm, params, drugs, horizon,
-                  rt_events, fl_items, max_d) -> int:
+                  rt_events, fl_items, max_d, *, view: ScanView | None = None, resect_events=None,
+                  present: np.ndarray | None = None) -> int:
     """Change the plan from day ``t``; returns the action code stored for the scan."""
     kind = action.kind
     if kind in ("none",):
@@ -504,8 +606,18 @@ def _apply_action(action: Action, pl: Plan, t: float, factors, spec, cm, params,
             return ACTION_CODES["none"]  # nothing running: nothing to stop
         pl.stop_all(t, "progression")
         return ACTION_CODES["stop"]
-    if kind == "radiotherapy":
-        pl.rt.extend(rt_events(t, action.dose_gy, action.fractions, action.every))
+    if kind in LOCAL_ACTIONS:
+        les = _target_lesions(action, view, np.ones(1, bool) if present is None else present)
+        if kind == "radiotherapy":
+            pl.rt.extend(rt_events(t, action.dose_gy, action.fractions, action.every, les))
+            for j in les:
+                pl.lesion_rt[j - 1] += 1
+        else:
+            if resect_events is None:
+                raise ValueError("action 'resect' needs several lesions")
+            pl.rt.extend(resect_events(t, les))
+            for j in les:
+                pl.resected[j - 1] = True
         if action.then == "stop":
             pl.stop_all(t, "progression")
         elif action.then == "switch":
@@ -513,7 +625,7 @@ def _apply_action(action: Action, pl: Plan, t: float, factors, spec, cm, params,
             start(action.treatment, action.max_duration)
         elif action.then == "add":
             start(action.treatment, action.max_duration)
-        return ACTION_CODES["radiotherapy"]
+        return ACTION_CODES[kind]
     if kind == "switch":
         pl.stop_all(t, "progression")
         start(action.treatment, action.max_duration)

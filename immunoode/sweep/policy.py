@@ -15,6 +15,11 @@ or written in Python as an :class:`AbstractPolicy` subclass (or any picklable ca
 ``f(view) -> Action``).  Built-in policies: ``none`` (the planned regimen whatever
 happens), ``until_progression`` (stop at the first progression) and ``stop_at_2y``
 (``until_progression`` with a 2-year cap).
+
+Local treatments act on lesions: ``radiotherapy`` irradiates, and ``resect`` removes, the
+progressing lesions of the scan (``ScanView.progressing_lesions``; in a multi-lesion sweep
+only those lesions' copies of the tumor states change) unless the action names its
+``lesions``.
 """
 
 from __future__ import annotations
@@ -24,12 +29,15 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 __all__ = ["ScanView", "Action", "AbstractPolicy", "RulePolicy", "CallablePolicy",
-           "BUILTIN_POLICIES", "rule_policy_from_table", "make_policy", "ACTION_CODES"]
+           "BUILTIN_POLICIES", "rule_policy_from_table", "make_policy", "ACTION_CODES",
+           "LOCAL_ACTIONS"]
 
 #: codes stored per scan in the ``action`` variable
 ACTION_CODES = {"none": 0, "continue": 1, "stop": 2, "radiotherapy": 3, "switch": 4, "add": 5,
-                "rechallenge": 6}
-_ACTIONS = ("none", "continue", "stop", "radiotherapy", "switch", "add")
+                "rechallenge": 6, "resect": 7}
+_ACTIONS = ("none", "continue", "stop", "radiotherapy", "switch", "add", "resect")
+#: actions on lesions (they take ``then``)
+LOCAL_ACTIONS = ("radiotherapy", "resect")
 
 
 @dataclass(frozen=True)
@@ -41,16 +49,25 @@ class ScanView:
     patient : patient index in the population.
     scan : scan number (0 = baseline).
     time : [day] scan day.
-    size_mm : [mm] measured lesion size (0 below the detection limit).
-    baseline_mm, nadir_mm : [mm] baseline and nadir since the last progression action.
-    progression : RECIST progression at this scan (+20 % and +5 mm over the nadir).
-    pattern : ``"oligo"``, ``"systemic"`` or ``"none"``.
+    size_mm : [mm] measured lesion size (0 below the detection limit); with several
+        lesions the sum of the target lesions' diameters (nodes: short axis).
+    baseline_mm, nadir_mm : [mm] the same at baseline and its nadir since the last progression.
+    progression : RECIST 1.1 progression at this scan (sum +20 % and +5 mm over the nadir;
+        with several lesions also a new lesion or non-target growth).
+    pattern : ``"oligo"`` (at most ``oligo_max_lesions`` progressing lesions in at most
+        ``oligo_max_organs`` organs), ``"systemic"`` or ``"none"``; a single-lesion model
+        always reads ``"oligo"`` unless ``oligo_max_lesions`` is 0.
     on_treatment : a systemic treatment is running.
     treatments : names of the running treatments.
     n_progressions : progressions seen before this scan.
     stop_reason : why the last treatment stopped (``""``, ``"max_duration"``,
         ``"progression"``, ``"toxicity"``, ``"completed"``).
     days_on_treatment : [day] since the current line started (NaN off treatment).
+    lesion_sizes_mm : [mm] every lesion's measured size (0 absent / below detection), in
+        lesion order (lesion 1 = the index lesion).
+    progressing_lesions : 1-based indices of the progressing lesions (empty without progression).
+    new_lesions : 1-based indices of the lesions that are new at this scan.
+    lesion_sites : site of every lesion (``lung``, ``lymph_node`` ...).
     """
 
     patient: int
@@ -66,6 +83,10 @@ class ScanView:
     n_progressions: int
     stop_reason: str
     days_on_treatment: float
+    lesion_sizes_mm: tuple = ()
+    progressing_lesions: tuple = ()
+    new_lesions: tuple = ()
+    lesion_sites: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -75,12 +96,17 @@ class Action:
     Parameters
     ----------
     kind : ``none`` (nothing), ``continue`` (keep treating beyond progression), ``stop``,
-        ``radiotherapy`` (to the progressing lesion), ``switch`` (stop, start ``treatment``),
-        ``add`` (start ``treatment`` alongside), ``rechallenge`` (restart ``treatment``).
+        ``radiotherapy`` (to the progressing lesions), ``resect`` (remove the progressing
+        lesions: their tumor states set to 0; multi-lesion sweeps only), ``switch`` (stop,
+        start ``treatment``), ``add`` (start ``treatment`` alongside), ``rechallenge``
+        (restart ``treatment``).
     treatment : a [treatments] name (``first_line`` = the scenario's first line).
     max_duration : [day] cap of the treatment started (None = its regimen).
     dose_gy, fractions, every : [Gy], [1], [day] radiotherapy schedule.
-    then : after radiotherapy: ``continue``, ``stop`` or ``switch`` / ``add`` (with ``treatment``).
+    then : after radiotherapy / resection: ``continue``, ``stop`` or ``switch`` / ``add``
+        (with ``treatment``).
+    lesions : 1-based lesions that radiotherapy / resection treats (None = the scan's
+        progressing lesions).
     """
 
     kind: str = "none"
@@ -90,6 +116,7 @@ class Action:
     fractions: int = 3
     every: float = 1.0
     then: str = "continue"
+    lesions: tuple | None = None
 
 
 class AbstractPolicy(abc.ABC):
@@ -167,7 +194,7 @@ def _action(value, where: str, treatments: Mapping, file) -> Action:
                          f"{', '.join(_ACTIONS)}", file=file, section="policies", item=where)
     to = value.get("to", value.get("treatment"))
     then = value.get("then", "continue")
-    needs_to = kind in ("switch", "add", "rechallenge") or (kind == "radiotherapy" and then in ("switch", "add"))
+    needs_to = kind in ("switch", "add", "rechallenge") or (kind in LOCAL_ACTIONS and then in ("switch", "add"))
     if needs_to and to is None:
         raise SweepError(f"action {kind!r} needs 'to' (a [treatments] name)", file=file,
                          section="policies", item=where)

@@ -44,27 +44,34 @@ class SweepStoreError(ImmunoodeError):
 
 
 # --------------------------------------------------------------------------- preparation
+def sweep_model(path: str, lesions: Mapping | None):
+    """``(compiled model, LesionModel or None)`` of a sweep: with ``[lesions]`` the multi-lesion
+    transform of the model file (:func:`immunoode.trial._build_model`, as a trial builds it)."""
+    from ..trial import _build_model
+    return _build_model(path, Path(path).parent, lesions)
+
+
 @functools.lru_cache(maxsize=4)
-def _worker_model(path: str, expected_key: str):
-    """Compiled model in a worker: loaded from the on-disk compile cache."""
-    from ..compile import compile_model
-    from ..sbml import load_any_model
-    cm = compile_model(load_any_model(Path(path)))
+def _worker_model(path: str, expected_key: str, lesions_json: str = "null"):
+    """Compiled model (and LesionModel) in a worker: loaded from the on-disk compile cache."""
+    cm, lm = sweep_model(path, json.loads(lesions_json))
     if cm.key != expected_key:
         raise ImmunoodeError(f"{path}: the model changed since the sweep started "
                              f"(compile key {cm.key} != {expected_key})")
-    return cm
+    return cm, lm
 
 
 def run_chunk(payload: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Worker entry point: simulate one scenario × patient block (picklable payload)."""
     from .policy import make_policy
-    cm = _worker_model(payload["model_path"], payload["model_key"])
     spec = payload["spec"]
+    cm, lm = _worker_model(payload["model_path"], payload["model_key"],
+                           json.dumps(spec["trial"].get("lesions"), sort_keys=True))
     policy = make_policy(payload["factors"]["policy"], spec, payload["python_policies"])
     t0 = time.perf_counter()
     out = simulate_block(cm, spec, payload["factors"], payload["patients"], payload["columns"],
-                         payload["in_subgroup"], payload["scan_days"], policy=policy)
+                         payload["in_subgroup"], payload["scan_days"], policy=policy,
+                         lesion_model=lm, present=payload.get("present"))
     out["_wall_s"] = np.array(time.perf_counter() - t0)
     return out
 
@@ -86,26 +93,76 @@ def _subgroup_mask(pop: xr.Dataset, rule: Mapping | None) -> np.ndarray:
     return m
 
 
-def prepare_sweep(spec: SweepSpec, *, n: int | None = None):
+def apply_population_effects(pop: xr.Dataset, effects: Mapping) -> xr.Dataset:
+    """Sampled parameters times ``exp(sum beta * covariate)`` per patient, then kept within the
+    parameter's [lower, upper] (``[population_effects]``, e.g. a fitted PD-L1 effect on k_CTL)."""
+    if not effects:
+        return pop
+    pop = pop.copy()
+    for par, e in effects.items():
+        shift = sum(beta * pop[cov].values.astype(float) for cov, beta in e["effects"].items())
+        v = pop[par].values * np.exp(shift)
+        lo = -np.inf if e.get("lower") is None else float(e["lower"])
+        hi = np.inf if e.get("upper") is None else float(e["upper"])
+        pop[par] = (pop[par].dims, np.clip(v, lo, hi), dict(pop[par].attrs))
+    return pop
+
+
+def lesion_presence(lm, N: int, seed: int) -> np.ndarray:
+    """(patient, lesion) lesions present, drawn from their prevalences as a trial draws them
+    (one uniform per patient and lesion, index lesion always present) from the sweep's own
+    stream ``SeedSequence([seed, 2])``; every scenario sees the same draw."""
+    if lm is None:
+        return np.ones((N, 1), bool)
+    L = lm.n_lesions
+    lesion_seed = int(np.random.SeedSequence([int(seed), 2]).generate_state(1)[0])
+    prev = np.array([les.prevalence for les in lm.lesions])
+    present = np.random.default_rng(lesion_seed).random((N, L)) < prev[None, :]
+    present[:, 0] = True
+    return present
+
+
+def lesion_info(spec_data: Mapping, lm) -> dict:
+    """Names, sites, node flags and organ ids of the sweep's lesions (one lesion without [lesions])."""
+    from ..lesions import site_index
+    if lm is None:
+        site = str(spec_data["trial"]["trial"].get("lesion_site", "lung"))
+        return {"names": [site + "1"], "sites": [site], "is_node": [site == "lymph_node"],
+                "organ": [0]}
+    return {"names": lm.lesion_names, "sites": lm.sites, "is_node": [les.is_node for les in lm.lesions],
+            "organ": [site_index(x) for x in lm.sites]}
+
+
+def prepare_sweep(spec: SweepSpec, *, n: int | None = None, return_lesions: bool = False):
     """Compile the model (filling the disk cache), sample the population, cut the chunks.
 
-    Returns ``(cm, population Dataset, columns, scan_days, subgroup masks)``.
+    Returns ``(cm, population Dataset, columns, scan_days, subgroup masks)`` and, with
+    ``return_lesions``, also ``(LesionModel or None, present (patient, lesion))``.  With
+    ``[lesions]`` the columns are those of the multi-lesion model (local parameters times the
+    lesion's factor) and absent lesions have every local state at 0, as in a trial.
     """
-    from ..compile import compile_model
     from ..sampling import sample_population
-    from ..sbml import load_any_model
-    from ..trial import _simulation_columns, scan_times
+    from ..trial import _absent_lesions_zero, _simulation_columns, scan_times
     d = spec.data
-    cm = compile_model(load_any_model(Path(d["sweep"]["model"])))
+    cm, lm = sweep_model(d["sweep"]["model"], d["trial"].get("lesions"))
     N = int(n if n is not None else d["sweep"]["n"])
     pop_seed = int(np.random.SeedSequence([int(d["sweep"]["seed"]), 1]).generate_state(1)[0])
     pop = sample_population(d["trial"]["population"], N, seed=pop_seed,
                             method=d["trial"]["trial"]["method"])
-    cols = _simulation_columns(cm, pop, d["trial"])
+    pop = apply_population_effects(pop, d.get("population_effects", {}))
+    present = lesion_presence(lm, N, int(d["sweep"]["seed"]))
+    if lm is None:
+        cols = _simulation_columns(cm, pop, d["trial"])
+    else:
+        cols = lm.expand_columns(_simulation_columns(lm.base, pop, d["trial"]))
+        if not present.all():
+            cols = _absent_lesions_zero(cm, lm, cols, present)
     T = scan_times(d["trial"])
     masks = {"all": np.ones(N, bool)}
     for name, rule in d["subgroups"].items():
         masks[name] = _subgroup_mask(pop, rule)
+    if return_lesions:
+        return cm, pop, cols, T, masks, (lm, present)
     return cm, pop, cols, T, masks
 
 
@@ -177,21 +234,23 @@ def run_sweep(sweep, out=None, *, engine: AbstractEngine | None = None, resume: 
     engine = engine or SerialEngine()
     d = spec.data
     t_start = time.perf_counter()
-    cm, pop, cols, T, masks = prepare_sweep(spec, n=n)
+    cm, pop, cols, T, masks, (lm, present) = prepare_sweep(spec, n=n, return_lesions=True)
     N = pop.sizes["patient"]
+    les = lesion_info(d, lm)
+    L = len(les["names"])
     B = int(d["sweep"]["block"])
     blocks = [slice(a, min(a + B, N)) for a in range(0, N, B)]
     Sc = len(spec.scenarios)
     drugs = drug_labels(d)
     fingerprint = spec.fingerprint() + f"-n{N}-{cm.key}"
     shapes = {}
-    for k, (dims, dt, fill) in block_variables(len(T), len(drugs)).items():
-        extra = tuple({"scan": len(T), "drug": len(drugs)}[x] for x in dims)
+    for k, (dims, dt, fill) in block_variables(len(T), len(drugs), L).items():
+        extra = tuple({"scan": len(T), "drug": len(drugs), "lesion": L}[x] for x in dims)
         shapes[k] = ((Sc, N) + extra, (1, B) + extra, dt, fill, ("scenario", "patient") + dims)
     shapes["chunk_status"] = ((Sc, len(blocks)), (Sc, len(blocks)), np.int8, 0, ("scenario", "block"))
     shapes["chunk_wall_s"] = ((Sc, len(blocks)), (Sc, len(blocks)), np.float64, np.nan,
                               ("scenario", "block"))
-    attrs = _provenance(spec, cm, pop, T, drugs, fingerprint, N, B)
+    attrs = _provenance(spec, cm, pop, T, drugs, fingerprint, N, B, les)
     store = _Store(out, spec, fingerprint, shapes, attrs, resume) if out is not None else None
     mem = None
     if store is None:
@@ -210,7 +269,7 @@ def run_sweep(sweep, out=None, *, engine: AbstractEngine | None = None, resume: 
                 "factors": dict(sc.factors), "patients": np.arange(sl.start, sl.stop),
                 "columns": {k: cols[k][sl] for k in col_names},
                 "in_subgroup": masks[sc.factors["subgroup"]][sl], "scan_days": T,
-                "python_policies": dict(policies or {})}
+                "python_policies": dict(policies or {}), "present": present[sl]}
 
     prog = Progress(len(todo), progress, "chunks", per_item=B, rate_unit=" patients")
     done = failed = 0
@@ -271,7 +330,7 @@ def run_sweep(sweep, out=None, *, engine: AbstractEngine | None = None, resume: 
     return ds
 
 
-def _provenance(spec: SweepSpec, cm, pop, T, drugs, fingerprint, N, B) -> dict:
+def _provenance(spec: SweepSpec, cm, pop, T, drugs, fingerprint, N, B, les: Mapping) -> dict:
     from .spec import FACTORS as _F
     d = spec.data
     covars = {k: v.values.tolist() for k, v in pop.data_vars.items() if v.dims == ("patient",)}
@@ -301,19 +360,28 @@ def _provenance(spec: SweepSpec, cm, pop, T, drugs, fingerprint, N, B) -> dict:
         "codes_bor": json.dumps(BOR_CODES),
         "codes_sitc": json.dumps(SITC_CODES),
         "codes_pattern": json.dumps(PATTERN_CODES),
+        "lesions": json.dumps(dict(les)),
+        "lesions_per_patient": len(les["names"]),
+        "lesion_note": ("one lesion per patient: every progression is a one-lesion, one-organ "
+                        "(oligo) progression and radiotherapy treats the whole simulated tumor"
+                        if d["trial"].get("lesions") is None else
+                        f"{len(les['names'])} lesion compartments ({', '.join(les['sites'])}) sharing "
+                        "the systemic compartments; absent lesions (prevalence) have no tumor; "
+                        "radiotherapy / resection act on single lesions"),
     }
 
 
 def _assemble(arrays: Mapping[str, np.ndarray], attrs: Mapping) -> xr.Dataset:
     """Dataset from raw arrays + attrs (codes decoded, factor coordinates, summaries)."""
     from .summary import summarize_sweep
-    shapes_dims = block_variables(1, 1)
+    shapes_dims = block_variables(1, 1, 1)
     scen = json.loads(attrs["scenarios"])
     T = np.asarray(json.loads(attrs["scan_days"]))
     drugs = json.loads(attrs["drugs"])
     ds = xr.Dataset()
     for k, (dims, _, _) in shapes_dims.items():
-        ds[k] = (("scenario", "patient") + dims, np.asarray(arrays[k]))
+        if k in arrays:  # stores written before a variable existed lack it
+            ds[k] = (("scenario", "patient") + dims, np.asarray(arrays[k]))
     ds["chunk_status"] = (("scenario", "block"), np.asarray(arrays["chunk_status"]))
     ds["chunk_wall_s"] = (("scenario", "block"), np.asarray(arrays["chunk_wall_s"]))
     for var, codes in (("bor", BOR_CODES), ("sitc", SITC_CODES), ("pattern", PATTERN_CODES)):
@@ -323,6 +391,8 @@ def _assemble(arrays: Mapping[str, np.ndarray], attrs: Mapping) -> xr.Dataset:
     ds = ds.assign_coords(scenario=np.arange(len(scen)), patient=np.arange(ds.sizes["patient"]),
                           scan=np.arange(len(T)), drug=drugs)
     ds = ds.assign_coords(scan_day=("scan", T), scenario_name=("scenario", [s["name"] for s in scen]))
+    les = json.loads(attrs.get("lesions", "null")) or {"names": ["lesion1"], "sites": [""]}
+    ds = ds.assign_coords(lesion=les["names"], lesion_site=("lesion", les["sites"]))
     for f in FACTORS:
         vals = [s["factors"][f] for s in scen]
         vals = ["regimen" if v is None else v for v in vals]
@@ -342,7 +412,14 @@ def _assemble(arrays: Mapping[str, np.ndarray], attrs: Mapping) -> xr.Dataset:
 
 
 def _attrs_units(ds: xr.Dataset) -> None:
-    u = {"size": ("mm", "measured lesion size at the scan (0 below the detection limit)"),
+    u = {"size": ("mm", "measured lesion size at the scan (0 below the detection limit); with "
+                  "several lesions the sum of the target lesions' diameters"),
+         "lesion_size": ("mm", "measured size of every lesion at the scan (0 below the detection "
+                                "limit, NaN absent); lymph nodes: short axis"),
+         "lesion_present": ("1", "the patient has the lesion (drawn from its prevalence)"),
+         "lesion_progressing": ("1", "the lesion progressed at the first RECIST progression"),
+         "lesion_rt_courses": ("1", "radiotherapy courses given to the lesion"),
+         "lesion_resected": ("1", "the lesion was resected"),
          "pfs_time": ("day", "progression-free survival time (RECIST 1.1)"),
          "pfs2_time": ("day", "time to the second progression (nadir reset at the first)"),
          "time_on_treatment": ("day", "first dose to last dose plus one interval"),

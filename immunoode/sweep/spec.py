@@ -26,6 +26,12 @@ A sweep file::
     interval = [21, 42]
     duration = [365, 730]
 
+Several lesions per patient: a ``[lesions]`` table (as in a trial file; inline or from the
+trial) makes the model a multi-lesion model (:mod:`immunoode.lesions`); radiotherapy then
+acts on single lesions (``rt_lesion``, the policy's progressing lesions) and ``[resection]
+states`` lists what a resection sets to 0.  ``[population_effects] PARAM = {COVARIATE =
+beta}`` multiplies a sampled parameter by ``exp(beta * covariate)`` per patient.
+
 Factors (and their defaults) are listed in :data:`FACTORS`.  Everything is checked before
 any work: an unknown factor, an empty list, an unknown treatment, regimen, policy or
 subgroup raises :class:`SweepError` naming the file and the item.
@@ -70,6 +76,7 @@ FACTORS: dict[str, tuple[Any, str, str]] = {
     "rt_dose_gy": (8.0, "positive", "[Gy] radiotherapy dose per fraction"),
     "rt_day": (0.0, "real", "[day] first fraction, relative to the first-line start"),
     "rt_every": (1.0, "positive", "[day] days between fractions"),
+    "rt_lesion": (1, "lesion", "[1] lesion (1-based, 1 = index lesion) that the rt_* radiotherapy irradiates"),
     "subgroup": ("all", "subgroup", "population subgroup ('all' or a [subgroups] name)"),
     "policy": ("none", "policy", "adaptive policy ('none', a built-in or a [policies] name)"),
 }
@@ -80,7 +87,8 @@ _SWEEP_KEYS = {"name", "model", "parameters", "trial", "n", "seed", "block", "de
                "n_scenarios", "reference", "description", "follow_up", "objective",
                "lesion_observable", "diameter_unit", "method"}
 _SECTIONS = {"sweep", "treatments", "base", "factors", "radiotherapy", "toxicity", "policies",
-             "subgroups", "population", "scans", "map", "response", "solver", "gsa", "optimize"}
+             "subgroups", "population", "scans", "map", "response", "solver", "gsa", "optimize",
+             "lesions", "resection", "population_effects"}
 _DESIGNS = ("grid", "one_at_a_time", "sampled", "gsa", "optimize")
 
 
@@ -172,7 +180,12 @@ def _check_keys(d: Mapping, allowed, file, section) -> None:
 
 
 def _load_parameters(path: str, file) -> dict[str, float]:
-    """A parameter file: ``[parameters] name = value`` (or ``{ value = ... }``)."""
+    """A parameter file: ``[parameters] name = value`` (or ``{ value = ... }``).
+
+    A calibration result (``immunoode fit``: one table per estimate with ``kind``) gives
+    its ``kind = "mechanistic"`` values; ``kind = "population"`` estimates (medians, CVs of
+    the patient distributions) belong to a ``[population]`` and are skipped.
+    """
     try:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -182,6 +195,8 @@ def _load_parameters(path: str, file) -> dict[str, float]:
     out = {}
     for k, v in table.items():
         if isinstance(v, Mapping):
+            if v.get("kind", "mechanistic") != "mechanistic":
+                continue
             v = v.get("value")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise SweepError(f"parameter value must be a finite number, got {v!r}",
@@ -244,7 +259,7 @@ def load_sweep(spec_or_path, *, policies: Mapping[str, Any] | None = None) -> Sw
     # trial file supplies population / scans / map / response / solver; inline sections win
     from ..trial import TrialError, load_trial
     tdata = tomllib.loads(Path(sw["trial"]).read_text(encoding="utf-8")) if "trial" in sw else {}
-    for sec in ("population", "scans", "map", "response", "solver"):
+    for sec in ("population", "scans", "map", "response", "solver", "lesions"):
         if sec in data:
             tdata[sec] = data[sec]
     tdata.setdefault("trial", {})
@@ -262,6 +277,13 @@ def load_sweep(spec_or_path, *, policies: Mapping[str, Any] | None = None) -> Sw
     trial.pop("_base", None)
     trial.pop("_file", None)
     trial["trial"].pop("regimen", None)
+    if trial.get("history") is not None:
+        raise SweepError("the trial has a [history] (pre-treatment growth), which sweeps do not "
+                         "simulate: every baseline tumor would be the model's initial state; use a "
+                         "trial without [history], or give the sweep an inline [population] (with "
+                         "the tumor size, e.g. T0) and [lesions]", file=file or sw.get("trial"),
+                         section="history")
+    trial.pop("history", None)
 
     model = _model_for_validation(sw["model"])
     states = set(model.state_names)
@@ -271,17 +293,32 @@ def load_sweep(spec_or_path, *, policies: Mapping[str, Any] | None = None) -> Sw
             raise SweepError(f"not a parameter of model {model.name!r}{_suggest(k, params)}",
                              file=sw["parameters"], section="parameters", item=k)
 
+    lesions = trial.get("lesions")
     treatments = _treatments(data.get("treatments", {}), base, file, states)
-    rt = _radiotherapy(data.get("radiotherapy", {}), file, states)
+    rt = _radiotherapy(data.get("radiotherapy", {}), file, states, lesions)
+    resection = _resection(data.get("resection", {}), file, lesions)
+    if lesions is not None:
+        for name, t in treatments.items():
+            for it in t["items"].get("dose", []):
+                if it.get("target") in lesions["local_states"]:
+                    raise SweepError(f"doses the lesion-local state {it['target']!r}; with [lesions] a "
+                                     "regimen must dose a shared (systemic) state", file=file,
+                                     section="treatments", item=name)
     tox = _toxicity(data.get("toxicity", {}), file)
     subgroups = _subgroups(data.get("subgroups", {}), trial, file)
+    effects = _population_effects(data.get("population_effects", {}), trial, file)
     from .policy import BUILTIN_POLICIES, rule_policy_from_table
     pol_tables = dict(data.get("policies", {}))
     for name, table in pol_tables.items():
         if name in BUILTIN_POLICIES:
             raise SweepError("redefines a built-in policy; choose another name", file=file,
                              section="policies", item=name)
-        rule_policy_from_table(name, table, treatments, file=file)  # validates
+        pol = rule_policy_from_table(name, table, treatments, file=file)  # validates
+        for key, act in (("on_progression", pol.on_progression), ("on_oligo_progression", pol.on_oligo),
+                         ("on_systemic_progression", pol.on_systemic)):
+            if act is not None and act.kind == "resect" and lesions is None:
+                raise SweepError("action 'resect' needs several lesions: declare [lesions] in the "
+                                 "sweep or its trial", file=file, section=f"policies.{name}", item=key)
     python_policies = dict(policies or {})
     known_policies = {"none", *BUILTIN_POLICIES, *pol_tables, *python_policies}
 
@@ -299,7 +336,9 @@ def load_sweep(spec_or_path, *, policies: Mapping[str, Any] | None = None) -> Sw
         if not vals:
             raise SweepError("empty list of values: the design would have no scenario", file=file,
                              section="factors", item=k)
-    ctx = dict(treatments=treatments, subgroups=subgroups, policies=known_policies, file=file)
+    n_lesions = len(lesions["lesion"]) if lesions is not None else 1
+    ctx = dict(treatments=treatments, subgroups=subgroups, policies=known_policies, file=file,
+               n_lesions=n_lesions)
     full_base = {k: v[0] for k, v in FACTORS.items()}
     full_base.update({k: _check_value(k, v, ctx, "base") for k, v in base_f.items()})
     factors = {k: [_check_value(k, v, ctx, "factors") for v in vals] for k, vals in factors.items()}
@@ -308,6 +347,7 @@ def load_sweep(spec_or_path, *, policies: Mapping[str, Any] | None = None) -> Sw
                          file=file, section="base", item="first_line")
 
     out = {"sweep": sw, "trial": trial, "treatments": treatments, "radiotherapy": rt,
+           "resection": resection, "population_effects": effects,
            "toxicity": tox, "subgroups": subgroups, "policies": pol_tables,
            "python_policies": sorted(python_policies), "base": full_base, "factors": factors,
            "gsa": dict(data.get("gsa", {})), "optimize": dict(data.get("optimize", {}))}
@@ -363,7 +403,7 @@ def _treatments(table: Mapping, base: Path, file, states: set) -> dict:
     return out
 
 
-def _radiotherapy(t: Mapping, file, states: set) -> dict:
+def _radiotherapy(t: Mapping, file, states: set, lesions: Mapping | None = None) -> dict:
     _check_keys(t, {"targets", "alpha", "beta", "source"}, file, "radiotherapy")
     out = {"targets": list(t.get("targets", ["Ts", "Tr"])), "alpha": float(t.get("alpha", 0.3)),
            "beta": float(t.get("beta", 0.03)),
@@ -373,9 +413,63 @@ def _radiotherapy(t: Mapping, file, states: set) -> dict:
         if s not in states:
             raise SweepError(f"not a model state{_suggest(s, states)}", file=file,
                              section="radiotherapy", item=s)
+        if lesions is not None and s not in lesions["local_states"]:
+            raise SweepError("radiotherapy targets must be lesion-local states (each lesion is "
+                             f"irradiated on its own); local states: {', '.join(lesions['local_states'])}",
+                             file=file, section="radiotherapy", item=s)
     if out["alpha"] < 0 or out["beta"] < 0:
         raise SweepError("alpha and beta must be >= 0", file=file, section="radiotherapy")
     return out
+
+
+def _population_effects(table: Mapping, trial: Mapping, file) -> dict:
+    """``[population_effects] PARAM = { COVARIATE = beta }``: per-patient covariate effects on
+    the log of a sampled parameter (a calibration's ``effects``), checked against the population."""
+    from ..sampling import sample_population
+    if not table:
+        return {}
+    pars = trial["population"].get("parameters", {})
+    pop = sample_population(trial["population"], 4, seed=0)
+    out = {}
+    for par, eff in table.items():
+        if par not in pars:
+            raise SweepError(f"not a sampled parameter of the population{_suggest(par, pars)}",
+                             file=file, section="population_effects", item=par)
+        if not isinstance(eff, Mapping) or not eff:
+            raise SweepError("expected a table { covariate = coefficient }", file=file,
+                             section="population_effects", item=par)
+        row = {}
+        for cov, beta in eff.items():
+            if cov not in pop or not np.issubdtype(pop[cov].dtype, np.number):
+                raise SweepError(f"not a numeric sampled variable{_suggest(cov, list(pop.data_vars))}",
+                                 file=file, section=f"population_effects.{par}", item=cov)
+            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+                raise SweepError(f"coefficient must be a finite number, got {beta!r}", file=file,
+                                 section=f"population_effects.{par}", item=cov)
+            row[str(cov)] = float(beta)
+        d = pars[par]
+        out[str(par)] = {"effects": row, "lower": d.get("lower"), "upper": d.get("upper")}
+    return out
+
+
+def _resection(t: Mapping, file, lesions: Mapping | None) -> dict:
+    """``[resection] states``: lesion-local states a resection sets to 0 (default: all)."""
+    _check_keys(t, {"states", "description"}, file, "resection")
+    if lesions is None:
+        if t:
+            raise SweepError("[resection] needs several lesions: declare [lesions] in the sweep or "
+                             "its trial", file=file, section="resection")
+        return {"states": []}
+    local = list(lesions["local_states"])
+    st = t.get("states", local)
+    if not isinstance(st, list) or not st:
+        raise SweepError(f"states must be a non-empty list of lesion-local states, got {st!r}",
+                         file=file, section="resection", item="states")
+    for s in st:
+        if s not in local:
+            raise SweepError(f"not a lesion-local state{_suggest(str(s), local)}; local states: "
+                             f"{', '.join(local)}", file=file, section="resection", item=str(s))
+    return {"states": [str(s) for s in st]}
 
 
 def _toxicity(t: Mapping, file) -> dict:
@@ -437,6 +531,11 @@ def _check_value(name: str, v, ctx, section):
             bad(f"unknown treatment (declare it under [treatments]; known: "
                 f"{', '.join(ctx['treatments']) or 'none'}){_suggest(v, ctx['treatments'])}")
         return v
+    if kind == "lesion":
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= ctx["n_lesions"]:
+            bad(f"expected a lesion number from 1 to {ctx['n_lesions']} (the sweep has "
+                f"{ctx['n_lesions']} lesion{'s' if ctx['n_lesions'] != 1 else ''})")
+        return int(v)
     if kind == "subgroup":
         if v != "all" and v not in ctx["subgroups"]:
             bad(f"unknown subgroup{_suggest(v, ctx['subgroups'])}")
