@@ -10,6 +10,7 @@ nadir), new lesions and the oligo/systemic pattern can then be computed by hand.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -398,3 +399,43 @@ def test_planned_rt_to_an_absent_lesion_is_not_given(folder):
     # the brain lesion (2 mm, static; 1 mm after RT) is below detection where present, NaN where absent
     ls = out["lesion_size"][:, :, 2]
     assert np.isnan(ls[~present[:, 2]]).all() and (ls[present[:, 2]] == 0).all()
+
+
+def test_a_changed_parameter_value_in_the_model_file_refuses_resume(folder, tmp_path):
+    from immunoode.errors import ImmunoodeError
+    from immunoode.sweep.run import SweepStoreError, _worker_model
+    d = tmp_path / "m"
+    d.mkdir()
+    for name in ("model.toml", "a.toml", "sweep.toml"):
+        (d / name).write_text((folder / name).read_text())
+    run_sweep(d / "sweep.toml", d / "r.zarr", max_chunks=1)
+    spec = load_sweep(d / "sweep.toml")
+    cm, *_ = prepare_sweep(spec, return_lesions=True)
+    old = cm.model.content_hash()
+    (d / "model.toml").write_text(MODEL.replace("kel = { value = 0.1,", "kel = { value = 0.2,"))
+    with pytest.raises(SweepStoreError, match="different sweep"):
+        run_sweep(d / "sweep.toml", d / "r.zarr")
+    lesions = json.dumps(spec.data["trial"]["lesions"], sort_keys=True)
+    _worker_model.cache_clear()          # a fresh worker reads the changed file
+    with pytest.raises(ImmunoodeError, match="parameter values changed"):
+        _worker_model(str(d / "model.toml"), cm.key, lesions, old)
+
+
+def test_population_file_arm_and_named_effect_come_from_the_calibration_files(folder):
+    (folder / "fitted_population.toml").write_text(
+        '[arm_a.parameters.kel]\ndist = "fixed"\nvalue = 0.25\n\n'
+        '[arm_b.parameters.kel]\ndist = "fixed"\nvalue = 0.5\n')
+    (folder / "fitted_parameters.toml").write_text('[kel_slope]\nkind = "population"\nvalue = 0.5\n')
+    file = variant(folder, "popfile.toml",
+                   ('n = 8\n', 'n = 8\nparameters = "fitted_parameters.toml"\n'
+                               'population_file = "fitted_population.toml"\npopulation_arm = "arm_b"\n'),
+                   ("[base]", "[population.parameters.D0]\ndist = \"fixed\"\nvalue = 2.0\n\n"
+                              "[population_effects.kel]\nD0 = \"kel_slope\"\n\n[base]"))
+    spec = load_sweep(file)
+    assert spec.data["trial"]["population"]["parameters"]["kel"]["value"] == 0.5
+    assert spec.data["population_effects"]["kel"]["effects"] == {"D0": 0.5}
+    _, pop, cols, *_ = prepare_sweep(spec)
+    np.testing.assert_allclose(pop["kel"].values, 0.5 * math.e)       # 0.5 * exp(0.5 * 2)
+    with pytest.raises(SweepError, match=r"population_arm 'arm_c'.*arms: arm_a, arm_b"):
+        load_sweep(variant(folder, "badarm.toml", ('n = 8\n', 'n = 8\npopulation_file = '
+                                                   '"fitted_population.toml"\npopulation_arm = "arm_c"\n')))

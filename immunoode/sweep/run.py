@@ -52,9 +52,17 @@ def sweep_model(path: str, lesions: Mapping | None):
 
 
 @functools.lru_cache(maxsize=4)
-def _worker_model(path: str, expected_key: str, lesions_json: str = "null"):
-    """Compiled model (and LesionModel) in a worker: loaded from the on-disk compile cache."""
+def _worker_model(path: str, expected_key: str, lesions_json: str = "null",
+                  expected_content: str | None = None):
+    """Compiled model (and LesionModel) in a worker: loaded from the on-disk compile cache.
+
+    Raises if the model file changed since the sweep started: its structure (compile key)
+    or, with ``expected_content``, a parameter value (content hash).
+    """
     cm, lm = sweep_model(path, json.loads(lesions_json))
+    if expected_content is not None and cm.model.content_hash() != expected_content:
+        raise ImmunoodeError(f"{path}: the model's parameter values changed since the sweep "
+                             "started; rerun the sweep (a resumed store would mix two models)")
     if cm.key != expected_key:
         raise ImmunoodeError(f"{path}: the model changed since the sweep started "
                              f"(compile key {cm.key} != {expected_key})")
@@ -66,7 +74,8 @@ def run_chunk(payload: Mapping[str, Any]) -> dict[str, np.ndarray]:
     from .policy import make_policy
     spec = payload["spec"]
     cm, lm = _worker_model(payload["model_path"], payload["model_key"],
-                           json.dumps(spec["trial"].get("lesions"), sort_keys=True))
+                           json.dumps(spec["trial"].get("lesions"), sort_keys=True),
+                           payload.get("model_content"))
     policy = make_policy(payload["factors"]["policy"], spec, payload["python_policies"])
     t0 = time.perf_counter()
     out = simulate_block(cm, spec, payload["factors"], payload["patients"], payload["columns"],
@@ -242,7 +251,8 @@ def run_sweep(sweep, out=None, *, engine: AbstractEngine | None = None, resume: 
     blocks = [slice(a, min(a + B, N)) for a in range(0, N, B)]
     Sc = len(spec.scenarios)
     drugs = drug_labels(d)
-    fingerprint = spec.fingerprint() + f"-n{N}-{cm.key}"
+    content = cm.model.content_hash()  # parameter values too: a resume never mixes two models
+    fingerprint = spec.fingerprint() + f"-n{N}-{cm.key}-{content[:16]}"
     shapes = {}
     for k, (dims, dt, fill) in block_variables(len(T), len(drugs), L).items():
         extra = tuple({"scan": len(T), "drug": len(drugs), "lesion": L}[x] for x in dims)
@@ -265,7 +275,8 @@ def run_sweep(sweep, out=None, *, engine: AbstractEngine | None = None, resume: 
     def payload(s, b):
         sl = blocks[b]
         sc = spec.scenarios[s]
-        return {"model_path": d["sweep"]["model"], "model_key": cm.key, "spec": d,
+        return {"model_path": d["sweep"]["model"], "model_key": cm.key, "model_content": content,
+                "spec": d,
                 "factors": dict(sc.factors), "patients": np.arange(sl.start, sl.stop),
                 "columns": {k: cols[k][sl] for k in col_names},
                 "in_subgroup": masks[sc.factors["subgroup"]][sl], "scan_days": T,

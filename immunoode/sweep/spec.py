@@ -85,7 +85,8 @@ TREATMENT_CLASSES = ("ICI", "ICI+ICI", "chemo", "TKI", "anti-angiogenic", "ICI+c
                      "ICI+ICI+chemo", "ICI+TKI", "ICI+anti-angiogenic")
 _SWEEP_KEYS = {"name", "model", "parameters", "trial", "n", "seed", "block", "design",
                "n_scenarios", "reference", "description", "follow_up", "objective",
-               "lesion_observable", "diameter_unit", "method"}
+               "lesion_observable", "diameter_unit", "method", "population_file",
+               "population_arm"}
 _SECTIONS = {"sweep", "treatments", "base", "factors", "radiotherapy", "toxicity", "policies",
              "subgroups", "population", "scans", "map", "response", "solver", "gsa", "optimize",
              "lesions", "resection", "population_effects"}
@@ -261,7 +262,9 @@ def load_sweep(spec_or_path, *, policies: Mapping[str, Any] | None = None) -> Sw
     tdata = tomllib.loads(Path(sw["trial"]).read_text(encoding="utf-8")) if "trial" in sw else {}
     for sec in ("population", "scans", "map", "response", "solver", "lesions"):
         if sec in data:
-            tdata[sec] = data[sec]
+            tdata[sec] = copy.deepcopy(data[sec])
+    if "population_file" in sw:
+        _merge_population_file(sw, tdata, base, file)
     tdata.setdefault("trial", {})
     if "follow_up" in sw:
         tdata["trial"]["follow_up"] = sw["follow_up"]
@@ -306,7 +309,8 @@ def load_sweep(spec_or_path, *, policies: Mapping[str, Any] | None = None) -> Sw
                                      section="treatments", item=name)
     tox = _toxicity(data.get("toxicity", {}), file)
     subgroups = _subgroups(data.get("subgroups", {}), trial, file)
-    effects = _population_effects(data.get("population_effects", {}), trial, file)
+    effects = _population_effects(data.get("population_effects", {}), trial, file,
+                                  _population_estimates(sw.get("parameters")))
     from .policy import BUILTIN_POLICIES, rule_policy_from_table
     pol_tables = dict(data.get("policies", {}))
     for name, table in pol_tables.items():
@@ -422,9 +426,45 @@ def _radiotherapy(t: Mapping, file, states: set, lesions: Mapping | None = None)
     return out
 
 
-def _population_effects(table: Mapping, trial: Mapping, file) -> dict:
+def _merge_population_file(sw: dict, tdata: dict, base: Path, file) -> None:
+    """``population_file`` + ``population_arm``: the arm's distributions (a calibration's
+    ``fitted_population.toml``) replace the same-named ones of the population."""
+    path = _resolve_file(str(sw["population_file"]), base, "population", file, "sweep",
+                         "population_file")
+    sw["population_file"] = path
+    try:
+        pf = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SweepError(f"cannot read population file {path}: {exc}", file=file, section="sweep",
+                         item="population_file") from None
+    arm = sw.get("population_arm")
+    if arm not in pf or not isinstance(pf[arm], Mapping):
+        raise SweepError(f"population_arm {arm!r} is not a table of {Path(path).name}"
+                         f"{_suggest(str(arm), list(pf))}; arms: {', '.join(pf)}", file=file,
+                         section="sweep", item="population_arm")
+    if "population" not in tdata:
+        raise SweepError("population_file needs a population to update (a trial or an inline "
+                         "[population])", file=file, section="sweep", item="population_file")
+    for kind in ("parameters", "covariates"):
+        for name, dist in dict(pf[arm].get(kind, {})).items():
+            tdata["population"].setdefault(kind, {})[name] = dict(dist)
+
+
+def _population_estimates(path: str | None) -> dict[str, float]:
+    """``kind = "population"`` estimates of a calibration's parameter file (name -> value)."""
+    if path is None:
+        return {}
+    data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    return {k: float(v["value"]) for k, v in data.items()
+            if isinstance(v, Mapping) and v.get("kind") == "population" and "value" in v}
+
+
+def _population_effects(table: Mapping, trial: Mapping, file, estimates: Mapping | None = None) -> dict:
     """``[population_effects] PARAM = { COVARIATE = beta }``: per-patient covariate effects on
-    the log of a sampled parameter (a calibration's ``effects``), checked against the population."""
+    the log of a sampled parameter (a calibration's ``effects``), checked against the population.
+    ``beta`` is a number or the name of a ``kind = "population"`` estimate of the sweep's
+    ``parameters`` file (e.g. ``"k_CTL_pdl1"``)."""
+    estimates = estimates or {}
     from ..sampling import sample_population
     if not table:
         return {}
@@ -443,6 +483,12 @@ def _population_effects(table: Mapping, trial: Mapping, file) -> dict:
             if cov not in pop or not np.issubdtype(pop[cov].dtype, np.number):
                 raise SweepError(f"not a numeric sampled variable{_suggest(cov, list(pop.data_vars))}",
                                  file=file, section=f"population_effects.{par}", item=cov)
+            if isinstance(beta, str):
+                if beta not in estimates:
+                    raise SweepError(f"{beta!r} is not a population estimate of the [sweep] "
+                                     f"parameters file{_suggest(beta, estimates)}", file=file,
+                                     section=f"population_effects.{par}", item=cov)
+                beta = estimates[beta]
             if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
                 raise SweepError(f"coefficient must be a finite number, got {beta!r}", file=file,
                                  section=f"population_effects.{par}", item=cov)
