@@ -95,6 +95,15 @@ def test_there_is_something_to_run():
     assert {"tutorial.md", "model-file.md"} <= names
 
 
+@pytest.fixture(autouse=True)
+def _restore_numpy_printoptions():
+    """A page may set numpy's print options (global state): restore them after each page."""
+    import numpy as np
+    opts = np.get_printoptions()
+    yield
+    np.set_printoptions(**opts)
+
+
 @pytest.mark.parametrize("doc", runnable_docs(), ids=lambda p: p.name)
 def test_doc_runs(doc, tmp_path, monkeypatch):
     from immunoode.cli import main
