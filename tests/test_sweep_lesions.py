@@ -22,6 +22,8 @@ from immunoode.sweep.policy import ACTION_CODES, AbstractPolicy, Action
 from immunoode.sweep.run import lesion_presence, prepare_sweep, run_sweep
 from immunoode.sweep.spec import SweepError, load_sweep
 
+from .test_sweep_policy import REG_A
+
 MODEL = """
 [model]
 name = "lesion_test_tumor"
@@ -48,16 +50,8 @@ A = "-kel * A"
 diameter = { expr = "D", unit = "mm" }
 """
 
-REG_A = """
-name = "drug A q3w"
-[[dose]]
-target = "A"
-amount = 100
-unit = "mg"
-every = 21
-count = 40
-label = "drug_a"
-"""
+# the drug-A regimen of the policy tests (same toy drug)
+
 
 SWEEP = """
 [sweep]
