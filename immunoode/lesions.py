@@ -117,6 +117,15 @@ class LesionModel:
         """(lesion,) multipliers of a local parameter."""
         return np.array([float(les.factors.get(parameter, 1.0)) for les in self.lesions])
 
+    def draw_presence(self, n: int, seed: int) -> np.ndarray:
+        """(patient, lesion) lesions that ``n`` virtual patients have: one uniform per patient
+        and lesion from ``default_rng(seed)`` below the lesion's prevalence; the index lesion
+        (lesion 1) is always present."""
+        prev = np.array([les.prevalence for les in self.lesions])
+        present = np.random.default_rng(seed).random((n, self.n_lesions)) < prev[None, :]
+        present[:, 0] = True
+        return present
+
     def expand_columns(self, columns: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Per-patient columns of the single-lesion model -> columns of this model.
 

@@ -598,9 +598,7 @@ def _prepare(spec, N: int, model, regimen) -> _Ctx:
         cols = {p0: np.full(N, float(c.cm.parameter_vector()[0]))}
     c.present = np.ones((N, L), bool)
     if c.lm is not None:
-        prev = np.array([les.prevalence for les in c.lm.lesions])
-        c.present = np.random.default_rng(c.lesion_seed).random((N, L)) < prev[None, :]
-        c.present[:, 0] = True  # the index lesion is always there
+        c.present = c.lm.draw_presence(N, c.lesion_seed)
         if not c.present.all():
             cols = _absent_lesions_zero(c.cm, c.lm, cols, c.present)
     c.cols = cols

@@ -123,12 +123,8 @@ def lesion_presence(lm, N: int, seed: int) -> np.ndarray:
     stream ``SeedSequence([seed, 2])``; every scenario sees the same draw."""
     if lm is None:
         return np.ones((N, 1), bool)
-    L = lm.n_lesions
     lesion_seed = int(np.random.SeedSequence([int(seed), 2]).generate_state(1)[0])
-    prev = np.array([les.prevalence for les in lm.lesions])
-    present = np.random.default_rng(lesion_seed).random((N, L)) < prev[None, :]
-    present[:, 0] = True
-    return present
+    return lm.draw_presence(N, lesion_seed)
 
 
 def lesion_info(spec_data: Mapping, lm) -> dict:
