@@ -37,6 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .errors import RegimenError, did_you_mean
+from .radiobiology import check_lq_parameters, lq_surviving_fraction
 
 __all__ = [
     "Dose",
@@ -353,6 +354,9 @@ class Scale:
     alpha, beta, dose_gy : OR linear-quadratic model,
         ``factor = exp(-alpha*dose_gy - beta*dose_gy**2)`` with alpha [1/Gy],
         beta [1/Gy^2], dose_gy [Gy] per fraction.  A missing alpha or beta is 0.
+    hypoxic_fraction, oer : optional, with the LQ model: a hypoxic share [1] of the clonogens
+        that needs ``oer`` [1] times the dose (:func:`immunoode.radiobiology.lq_surviving_fraction`).
+        Missing: pure LQ.
     start, every, count, until : schedule, as for :class:`Dose`.
     label : free text used in output.
     """
@@ -367,6 +371,8 @@ class Scale:
     count: int | None = None
     until: float | None = None
     label: str | None = None
+    hypoxic_fraction: float | None = None
+    oer: float | None = None
 
     def __post_init__(self):
         raw = self.target
@@ -386,10 +392,13 @@ class Scale:
         alpha = _number(self.alpha, "alpha")
         beta = _number(self.beta, "beta")
         dose_gy = _number(self.dose_gy, "dose_gy")
+        hypoxic_fraction = _number(self.hypoxic_fraction, "hypoxic_fraction")
+        oer = _number(self.oer, "oer")
         lq = (alpha, beta, dose_gy) != (None, None, None)
         if factor is not None:
-            if lq:
-                raise RegimenError("give either 'factor' or 'alpha'/'beta'/'dose_gy', not both")
+            if lq or (hypoxic_fraction, oer) != (None, None):
+                raise RegimenError("give either 'factor' or 'alpha'/'beta'/'dose_gy' "
+                                   "(with 'hypoxic_fraction'/'oer'), not both")
             if factor <= 0:
                 raise RegimenError(f"'factor' must be > 0 (got {factor:g})")
         elif not lq:
@@ -402,11 +411,18 @@ class Scale:
             for n, v in (("alpha", alpha), ("beta", beta), ("dose_gy", dose_gy)):
                 if v is not None and v < 0:
                     raise RegimenError(f"{n!r} must be >= 0 (got {v:g})")
+            if (hypoxic_fraction is None) != (oer is None):
+                raise RegimenError("a hypoxic share needs both 'hypoxic_fraction' and 'oer'")
+            if hypoxic_fraction is not None:
+                problem = check_lq_parameters(alpha or 0.0, beta or 0.0, hypoxic_fraction, oer)
+                if problem:
+                    raise RegimenError(problem)
         start, every, count, until = _check_schedule(self.start, self.every, self.count, self.until)
         label = _opt_str(self.label, "label")
         for name, value in dict(target=target, factor=factor, alpha=alpha, beta=beta,
                                 dose_gy=dose_gy, start=start, every=every, count=count,
-                                until=until, label=label).items():
+                                until=until, label=label, hypoxic_fraction=hypoxic_fraction,
+                                oer=oer).items():
             object.__setattr__(self, name, value)
         if self.surviving_fraction <= 0:
             raise RegimenError("linear-quadratic surviving fraction underflows to 0")
@@ -421,10 +437,8 @@ class Scale:
         """The multiplier applied per event (``factor`` or the LQ value)."""
         if self.factor is not None:
             return self.factor
-        a = self.alpha or 0.0
-        b = self.beta or 0.0
-        d = self.dose_gy
-        return math.exp(-a * d - b * d * d)
+        return lq_surviving_fraction(self.dose_gy, self.alpha or 0.0, self.beta or 0.0,
+                                     self.hypoxic_fraction or 0.0, self.oer or 1.0)
 
     def times(self, t_end: float | None = None) -> np.ndarray:
         """Event times [time]."""
@@ -436,8 +450,10 @@ class Scale:
         if self.factor is not None:
             how = f"x {self.factor:g}"
         else:
+            hyp = (f", hypoxic share {self.hypoxic_fraction:g} at OER {self.oer:g}"
+                   if self.hypoxic_fraction is not None else "")
             how = (f"x {self.surviving_fraction:.6g} (LQ: alpha={self.alpha or 0:g}/Gy, "
-                   f"beta={self.beta or 0:g}/Gy^2, {self.dose_gy:g} Gy)")
+                   f"beta={self.beta or 0:g}/Gy^2, {self.dose_gy:g} Gy{hyp})")
         return (f"{name}scale {', '.join(self.targets)} {how}, "
                 f"{_schedule_text(self.start, self.every, self.count, self.until)}")
 

@@ -54,7 +54,7 @@ from scipy.stats import qmc
 from .errors import ModelError
 
 __all__ = ["sample_population", "load_population_spec", "validate_spec", "SpecError",
-           "TPS_CATEGORIES"]
+           "TPS_CATEGORIES", "rescale_at_quantile"]
 
 #: default PD-L1 tumor-proportion-score categories: label -> [low, high) in percent
 TPS_CATEGORIES = {"<1%": (0.0, 1.0), "1-49%": (1.0, 50.0), ">=50%": (50.0, 100.0)}
@@ -230,6 +230,35 @@ class _Var:
         q = self.flo + u * (self.fhi - self.flo)
         x = self.frozen.ppf(np.clip(q, _EPS, 1 - _EPS))
         return {self.name: np.clip(x, self.lo, self.hi)}
+
+
+def rescale_at_quantile(name: str, dist: Mapping[str, Any], x, factor) -> np.ndarray:
+    """Per-patient values of ``factor * X`` at each patient's own quantile, truncated as X is.
+
+    ``x`` holds draws of the continuous marginal ``dist`` (a population-spec table, with its
+    ``lower``/``upper`` truncation; a ``fixed`` value is simply scaled); ``factor`` (> 0, one per patient) is e.g.
+    ``exp(beta * covariate)``.  Each value is mapped to its quantile ``u`` in the truncated
+    marginal and redrawn at ``u`` from the distribution of ``factor * X`` truncated to the same
+    ``[lower, upper]``: a covariate effect on the log of the parameter (a shifted log-median
+    for a lognormal) that keeps every patient's rank and, unlike scaling then clipping, piles
+    no probability mass on a bound.
+    """
+    var = _Var(name, "parameters", dist)
+    if var.dist == "fixed":        # one value for everyone: the effect simply scales it
+        return np.asarray(x, dtype=float) * np.asarray(factor, dtype=float)
+    if var.frozen is None:
+        raise SpecError(f"a covariate effect needs a continuous distribution, not {var.dist!r}",
+                        section="parameters", item=name)
+    x = np.asarray(x, dtype=float)
+    c = np.broadcast_to(np.asarray(factor, dtype=float), x.shape)
+    if not np.all(np.isfinite(c) & (c > 0)):
+        raise SpecError("covariate factors must be finite and > 0", section="parameters", item=name)
+    F = var.frozen.cdf
+    u = np.clip((F(x) - var.flo) / (var.fhi - var.flo), 0.0, 1.0)
+    flo, fhi = F(var.lo / c), F(var.hi / c)     # X's truncation seen from factor * X
+    q = flo + u * (fhi - flo)
+    out = c * var.frozen.ppf(np.clip(q, _EPS, 1 - _EPS))
+    return np.clip(out, var.lo, var.hi)
 
 
 def _parse_spec(spec: Mapping[str, Any]):

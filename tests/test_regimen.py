@@ -381,3 +381,41 @@ def test_event_table_readonly():
     e = ev(Regimen((Dose("A1", 1),)))
     with pytest.raises(ValueError):
         e.times[0] = 5.0
+
+
+# ------------------------------------------------------------------ hypoxic-share LQ rule
+def test_hypoxic_share_scale_matches_closed_form_and_is_less_lethal():
+    d, a, b, f, oer = 8.0, 0.3, 0.03, 0.15, 3.0
+    s = Scale(["Ts", "Tr"], alpha=a, beta=b, dose_gy=d, hypoxic_fraction=f, oer=oer)
+    expected = (1 - f) * math.exp(-a * d - b * d * d) + f * math.exp(-a * d / oer - b * d * d / oer ** 2)
+    assert s.surviving_fraction == pytest.approx(expected, rel=1e-14)
+    assert s.surviving_fraction > Scale("Ts", alpha=a, beta=b, dose_gy=d).surviving_fraction
+    # f = 0 or OER = 1 is pure LQ
+    assert Scale("Ts", alpha=a, beta=b, dose_gy=d, hypoxic_fraction=0.0, oer=oer).surviving_fraction \
+        == pytest.approx(math.exp(-a * d - b * d * d), rel=1e-14)
+    assert Scale("Ts", alpha=a, beta=b, dose_gy=d, hypoxic_fraction=f, oer=1.0).surviving_fraction \
+        == pytest.approx(math.exp(-a * d - b * d * d), rel=1e-14)
+    # survives a dict round trip and says what it is
+    assert regimen_from_dict(Regimen((s,)).to_dict()).items[0] == s
+    assert "hypoxic share 0.15 at OER 3" in s.describe()
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(factor=0.5, hypoxic_fraction=0.1, oer=3), "not both"),
+    (dict(alpha=0.3, dose_gy=2, hypoxic_fraction=0.1), "both 'hypoxic_fraction' and 'oer'"),
+    (dict(alpha=0.3, dose_gy=2, hypoxic_fraction=1.0, oer=3), r"\[0, 1\)"),
+    (dict(alpha=0.3, dose_gy=2, hypoxic_fraction=0.1, oer=0.5), "oer"),
+])
+def test_hypoxic_share_bad_input_is_a_clear_error(kw, msg):
+    with pytest.raises(RegimenError, match=msg):
+        Scale("Ts", **kw)
+
+
+def test_radiobiology_rule_over_fractions_and_bed():
+    from immunoode.radiobiology import biologically_effective_dose, lq_surviving_fraction
+    one = lq_surviving_fraction(12.5, 0.3, 0.03, 0.15, 3.0)
+    assert lq_surviving_fraction(12.5, 0.3, 0.03, 0.15, 3.0, fractions=4) == pytest.approx(one ** 4)
+    assert biologically_effective_dose(8.0, 3, 10.0) == pytest.approx(43.2)
+    assert biologically_effective_dose(12.5, 4, 10.0) == pytest.approx(112.5)
+    with pytest.raises(ValueError, match="dose"):
+        lq_surviving_fraction(-1.0, 0.3, 0.03)

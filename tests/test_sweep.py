@@ -103,7 +103,8 @@ def test_segmented_simulation_matches_one_shot_population(sweep_file):
 
 
 def test_radiotherapy_is_a_multiplicative_lq_event(sweep_file):
-    """3 x 8 Gy on day 0,1,2 multiplies the tumor cells by exp(-3(a d + b d^2)) (no drug)."""
+    """3 x 8 Gy on day 0,1,2 multiplies the tumor cells by S(8 Gy)^3 (no drug), with the default
+    survival rule: LQ (alpha 0.3/Gy, beta 0.03/Gy^2) with a 15 % hypoxic share at OER 3."""
     from immunoode.sweep.block import simulate_block
     from immunoode.sweep.run import prepare_sweep
     spec = load_sweep(sweep_file)
@@ -117,7 +118,8 @@ def test_radiotherapy_is_a_multiplicative_lq_event(sweep_file):
     rho = cm.parameter_vector()[cm.parameter_names.index("rho_T")]
     P = {k: v for k, v in cols.items()}
     T0 = P["T0"]
-    surv = np.exp(-3 * (0.3 * 8 + 0.03 * 64))
+    per_fraction = 0.85 * np.exp(-(0.3 * 8 + 0.03 * 64)) + 0.15 * np.exp(-(0.3 * 8 / 3 + 0.03 * 64 / 9))
+    surv = per_fraction ** 3
     d_expected = (6 * T0 * surv / (rho * np.pi)) ** (1 / 3) * 10
     np.testing.assert_allclose(out["size"][:, 1], np.where(d_expected < 5, 0, d_expected), rtol=1e-4)
     assert np.all(out["size"][:, 1] < ref["size"][:, 1])

@@ -80,6 +80,7 @@ class = "ICI"
 targets = ["D"]
 alpha = 0.34657359027997264   # ln 2 / 2: one 2-Gy fraction halves the lesion
 beta = 0.0
+hypoxic_fraction = 0.0        # pure LQ
 
 [lesions]
 local_states = ["D"]
@@ -372,14 +373,44 @@ def test_fitted_parameter_file_gives_mechanistic_values_only(tmp_path):
 
 def test_population_effects_shift_the_log_parameter_and_keep_bounds():
     import xarray as xr
+    from scipy import stats
     from immunoode.sweep.run import apply_population_effects
-    pop = xr.Dataset({"k_CTL": ("patient", np.array([0.03, 0.03, 1.0])),
-                      "pdl1_tps": ("patient", np.array([0.0, 50.0, 90.0]))})
-    eff = {"k_CTL": {"effects": {"pdl1_tps": 0.02}, "lower": 0.02, "upper": 1.5}}
-    out = apply_population_effects(pop, eff)
-    np.testing.assert_allclose(out["k_CTL"].values, [0.03, 0.03 * math.e, 1.5])
-    np.testing.assert_array_equal(pop["k_CTL"].values, [0.03, 0.03, 1.0])   # input untouched
+    dist = {"dist": "lognormal", "median": 0.05, "cv": 0.8, "lower": 0.02, "upper": 1.5}
+    s = math.sqrt(math.log1p(0.8 ** 2))
+    base = stats.lognorm(s=s, scale=0.05)
+    x = np.array([0.03, 0.03, 1.0, 0.05])
+    pop = xr.Dataset({"k_CTL": ("patient", x), "pdl1_tps": ("patient", np.array([0.0, 50.0, 90.0, 50.0]))})
+    out = apply_population_effects(pop, {"k_CTL": {"effects": {"pdl1_tps": 0.02}, "dist": dist}})
+    v = out["k_CTL"].values
+    # covariate 0: unchanged; otherwise the same truncated quantile of the shifted lognormal
+    assert v[0] == pytest.approx(0.03, rel=1e-9)
+    for i in (1, 2, 3):
+        shifted = stats.lognorm(s=s, scale=0.05 * math.exp(0.02 * pop["pdl1_tps"].values[i]))
+        u = (base.cdf(x[i]) - base.cdf(0.02)) / (base.cdf(1.5) - base.cdf(0.02))
+        u_new = (shifted.cdf(v[i]) - shifted.cdf(0.02)) / (shifted.cdf(1.5) - shifted.cdf(0.02))
+        assert u_new == pytest.approx(u, abs=1e-9), i
+    assert v[2] < 1.5   # a patient near the bound stays inside it (scaling then clipping gave 1.5)
+    np.testing.assert_array_equal(pop["k_CTL"].values, x)   # input untouched
     assert apply_population_effects(pop, {}) is pop
+
+
+def test_population_effects_match_a_direct_draw_from_the_shifted_population():
+    """A large sample: the shifted values are distributed as the calibration's population model
+    (log-median shifted by beta * covariate, truncated to [lower, upper]) -- KS test."""
+    import xarray as xr
+    from scipy import stats
+    from immunoode.sampling import sample_population
+    from immunoode.sweep.run import apply_population_effects
+    dist = {"dist": "lognormal", "median": 0.05, "cv": 1.0, "lower": 0.01, "upper": 0.2}
+    pop = sample_population({"parameters": {"k_CTL": dist}}, 4000, seed=3)
+    pop["tps"] = ("patient", np.full(4000, 80.0))
+    out = apply_population_effects(pop, {"k_CTL": {"effects": {"tps": 0.02}, "dist": dist}})
+    s = math.sqrt(math.log1p(1.0))
+    target = stats.lognorm(s=s, scale=0.05 * math.exp(1.6))
+    lo, hi = target.cdf(0.01), target.cdf(0.2)
+    trunc_cdf = lambda y: (target.cdf(np.clip(y, 0.01, 0.2)) - lo) / (hi - lo)
+    assert stats.kstest(out["k_CTL"].values, trunc_cdf).pvalue > 0.01
+    assert (out["k_CTL"].values >= 0.2 - 1e-12).mean() < 0.01     # clipping put 1/3 at the bound
 
 
 def test_planned_rt_to_an_absent_lesion_is_not_given(folder):

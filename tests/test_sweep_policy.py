@@ -102,6 +102,7 @@ class = "chemo"
 targets = ["D"]
 alpha = 0.34657359027997264   # ln 2 / 2: one 2-Gy fraction halves the lesion
 beta = 0.0
+hypoxic_fraction = 0.0        # pure LQ
 
 [base]
 first_line = "a"

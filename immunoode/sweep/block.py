@@ -27,6 +27,7 @@ from typing import Mapping
 import numpy as np
 
 from ..regimen import KIND_BOLUS, KIND_INFUSION, KIND_SCALE, Dose, convert_amount, regimen_from_dict
+from ..radiobiology import lq_surviving_fraction
 from .lesionscan import LesionTracker
 from .policy import ACTION_CODES, LOCAL_ACTIONS, Action, ScanView
 from .toxicity import hazard_per_day, patient_draws, table_row
@@ -375,8 +376,10 @@ def simulate_block(cm, spec: Mapping, factors: Mapping, patients: np.ndarray,
                    for k in range(L)]
 
     def rt_events(t0, dose_gy, fractions, every, lesions=(1,)):
-        """LQ scale events of a radiotherapy course to the 1-based ``lesions``."""
-        f = math.exp(-rt["alpha"] * dose_gy - rt["beta"] * dose_gy ** 2)
+        """LQ scale events (with the hypoxic share) of a radiotherapy course to the 1-based
+        ``lesions``."""
+        f = lq_surviving_fraction(dose_gy, rt["alpha"], rt["beta"], rt["hypoxic_fraction"],
+                                  rt["oer"])
         return [(t0 + j * every, i, f) for j in range(int(fractions)) for k in lesions
                 for i in rt_idx[k - 1]]
 

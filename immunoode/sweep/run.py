@@ -103,17 +103,19 @@ def _subgroup_mask(pop: xr.Dataset, rule: Mapping | None) -> np.ndarray:
 
 
 def apply_population_effects(pop: xr.Dataset, effects: Mapping) -> xr.Dataset:
-    """Sampled parameters times ``exp(sum beta * covariate)`` per patient, then kept within the
-    parameter's [lower, upper] (``[population_effects]``, e.g. a fitted PD-L1 effect on k_CTL)."""
+    """Sampled parameters with a covariate effect ``exp(sum beta * covariate)`` on their log
+    (``[population_effects]``, e.g. a fitted PD-L1 effect on k_CTL): each patient keeps its
+    quantile of the parameter's truncated distribution, now that of the scaled distribution
+    truncated to the same bounds (:func:`immunoode.sampling.rescale_at_quantile`), as a
+    calibration's shifted, truncated population model has it."""
+    from ..sampling import rescale_at_quantile
     if not effects:
         return pop
     pop = pop.copy()
     for par, e in effects.items():
         shift = sum(beta * pop[cov].values.astype(float) for cov, beta in e["effects"].items())
-        v = pop[par].values * np.exp(shift)
-        lo = -np.inf if e.get("lower") is None else float(e["lower"])
-        hi = np.inf if e.get("upper") is None else float(e["upper"])
-        pop[par] = (pop[par].dims, np.clip(v, lo, hi), dict(pop[par].attrs))
+        v = rescale_at_quantile(par, e["dist"], pop[par].values, np.exp(shift))
+        pop[par] = (pop[par].dims, v, dict(pop[par].attrs))
     return pop
 
 

@@ -52,6 +52,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import ImmunoodeError, ModelError, did_you_mean
+from ..radiobiology import check_lq_parameters
 
 __all__ = ["SweepError", "SweepSpec", "Scenario", "FACTORS", "load_sweep", "build_scenarios",
            "TREATMENT_CLASSES"]
@@ -407,12 +408,24 @@ def _treatments(table: Mapping, base: Path, file, states: set) -> dict:
     return out
 
 
+# The library's radiotherapy module (models/nsclc/radiotherapy.toml) uses the same values.
+RT_DEFAULTS = {"alpha": 0.3, "beta": 0.03, "hypoxic_fraction": 0.15, "oer": 3.0}
+RT_SOURCE = ("alpha 0.3/Gy (recalled), alpha/beta 10 Gy (confirmed): shared/treatments "
+             "chemo_rt_vegf.csv radiotherapy rows; hypoxic share 0.15 at OER 3 (recalled "
+             "estimates, as models/nsclc/radiotherapy.toml f_hyp_RT and oer_RT)")
+
+
 def _radiotherapy(t: Mapping, file, states: set, lesions: Mapping | None = None) -> dict:
-    _check_keys(t, {"targets", "alpha", "beta", "source"}, file, "radiotherapy")
-    out = {"targets": list(t.get("targets", ["Ts", "Tr"])), "alpha": float(t.get("alpha", 0.3)),
-           "beta": float(t.get("beta", 0.03)),
-           "source": t.get("source", "alpha 0.3/Gy (recalled), alpha/beta 10 Gy (confirmed): "
-                                     "shared/treatments chemo_rt_vegf.csv radiotherapy rows")}
+    _check_keys(t, {"targets", "alpha", "beta", "hypoxic_fraction", "oer", "source"}, file,
+                "radiotherapy")
+    out = {"targets": list(t.get("targets", ["Ts", "Tr"]))}
+    for key, default in RT_DEFAULTS.items():
+        v = t.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise SweepError(f"must be a number, got {v!r}", file=file, section="radiotherapy",
+                             item=key)
+        out[key] = float(v)
+    out["source"] = t.get("source", RT_SOURCE)
     for s in out["targets"]:
         if s not in states:
             raise SweepError(f"not a model state{_suggest(s, states)}", file=file,
@@ -421,8 +434,9 @@ def _radiotherapy(t: Mapping, file, states: set, lesions: Mapping | None = None)
             raise SweepError("radiotherapy targets must be lesion-local states (each lesion is "
                              f"irradiated on its own); local states: {', '.join(lesions['local_states'])}",
                              file=file, section="radiotherapy", item=s)
-    if out["alpha"] < 0 or out["beta"] < 0:
-        raise SweepError("alpha and beta must be >= 0", file=file, section="radiotherapy")
+    problem = check_lq_parameters(out["alpha"], out["beta"], out["hypoxic_fraction"], out["oer"])
+    if problem:
+        raise SweepError(problem, file=file, section="radiotherapy")
     return out
 
 
@@ -493,8 +507,11 @@ def _population_effects(table: Mapping, trial: Mapping, file, estimates: Mapping
                 raise SweepError(f"coefficient must be a finite number, got {beta!r}", file=file,
                                  section=f"population_effects.{par}", item=cov)
             row[str(cov)] = float(beta)
-        d = pars[par]
-        out[str(par)] = {"effects": row, "lower": d.get("lower"), "upper": d.get("upper")}
+        d = dict(pars[par])
+        if d.get("dist") not in ("lognormal", "normal", "uniform", "loguniform", "fixed"):
+            raise SweepError(f"a covariate effect needs a continuous or fixed distribution, not "
+                             f"{d.get('dist')!r}", file=file, section="population_effects", item=par)
+        out[str(par)] = {"effects": row, "dist": d}
     return out
 
 
