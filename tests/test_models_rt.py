@@ -4,6 +4,10 @@ nsclc_io_rt_2lesion.toml.
 * the radiotherapy kill of one fraction equals the LQ closed form exp(-alpha d - beta d^2) and the
   engine's multiplicative [[scale]] LQ event, with the killed cells kept in the Dead pool;
 * two identical lesions give identical trajectories (lesion 2 is the same mechanism as lesion 1);
+* radiotherapy is symmetric between the lesions: RT to lesion 1 and the same RT to lesion 2 give
+  mirrored trajectories (lesion 2 has its own radiation inflammation RT_infl2 with every effect
+  that RT_infl has on lesion 1, and the in-situ vaccination route is driven by both), and RT_infl2
+  is exactly zero unless lesion 2 is irradiated;
 * behaviour test 8 (first part): radiotherapy to lesion 1 shrinks the non-irradiated lesion 2
   more with anti-PD-1 than without; RT raises PD-L1 and CD8+ infiltration in the irradiated lesion;
 * behaviour test 8 (second half): RT adds more benefit in a PD-L1-negative, non-inflamed tumor than
@@ -24,6 +28,7 @@ import numpy as np
 import pytest
 
 import immunoode as im
+from immunoode.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -197,6 +202,96 @@ def test_rt_raises_pdl1_and_cd8_infiltration_in_irradiated_lesion(two_lesion):
     assert rt["PDL1_2"].values[i] < none["PDL1_2"].values[i] + 0.05
 
 
+# Symmetry of radiotherapy between the lesions.  Lesion 2 reads the Treg, M1/M2 and NK densities
+# of lesion 1's microenvironment (lesion2.toml), and those follow lesion 1's size (macrophage
+# recruitment and M1 -> M2 polarisation, Treg induction) and IFN-gamma (M2 -> M1 repolarisation):
+# an asymmetry outside the radiotherapy parts, which shifts lesion-2 outputs by tens of percent
+# over a year when one lesion shrinks and the other does not.  To check the radiotherapy parts
+# alone these couplings are held fixed (constant M1/M2, Treg independent of tumor size).
+SHARED_MICROENV_FIXED = {"s_M": 0.0, "d_M": 0.0, "k_12": 0.0, "k_21": 0.0, "a_Treg_T": 0.0}
+IDENTICAL_LESION2 = {"T0_2": 5.5, "f_res0_2": 0.005}   # = T0, f_res0 of lesion 1 (tumor.toml)
+MIRROR_PAIRS = [("tumor_diameter", "tumor_diameter2"), ("Te", "Te2"), ("PDL1", "PDL1_2"),
+                ("RT_infl", "RT_infl2")]
+
+
+def _sbrt_to(target, pembro):
+    rt = (im.Dose(target, 8.0, start=0.0, every=1.0, count=3, unit="Gy", label="SBRT 8 Gy"),)
+    ici = (im.Dose("A_pembro_c", 200.0, start=7.0, every=21.0, count=35, duration=0.0208333,
+                   label="pembrolizumab"),)
+    return im.Regimen(rt + (ici if pembro else ()))
+
+
+@pytest.mark.parametrize("pembro", [False, True], ids=["rt-alone", "rt+pembrolizumab"])
+def test_rt_to_either_of_two_identical_lesions_gives_mirrored_trajectories(two_lesion, pembro):
+    """SBRT 3 x 8 Gy to lesion 1 and the same SBRT to lesion 2 of two identical lesions: lesion-1
+    outputs of one run equal lesion-2 outputs of the other and vice versa (diameter, Te, PD-L1 and
+    the radiation inflammation), with and without pembrolizumab.  Without RT_infl2 (lesion 2's
+    PD-L1 rise, extra infiltration, lymphodepletion and DC activation), measured with the earlier
+    lesion2.toml, they differed by up to 3% (RT alone) and 7% (with pembrolizumab) in diameter and
+    130-140% in Te and PD-L1."""
+    p = {**IDENTICAL_LESION2, **SHARED_MICROENV_FIXED}
+    outs = [o for pair in MIRROR_PAIRS for o in pair] + ["DC", "Tp"]
+    a = im.simulate(two_lesion, _sbrt_to("RT_gy", pembro), t_end=365.0, parameters=p, outputs=outs)
+    b = im.simulate(two_lesion, _sbrt_to("RT_gy2", pembro), t_end=365.0, parameters=p, outputs=outs)
+    for x, y in MIRROR_PAIRS:
+        np.testing.assert_allclose(a[x].values, b[y].values, rtol=1e-5, atol=1e-12, err_msg=f"{x} vs {y}")
+        np.testing.assert_allclose(a[y].values, b[x].values, rtol=1e-5, atol=1e-12, err_msg=f"{y} vs {x}")
+    for shared in ("DC", "Tp"):
+        np.testing.assert_allclose(a[shared].values, b[shared].values, rtol=1e-5, err_msg=shared)
+    # the mirror is not trivial: the irradiated lesion differs from the other one
+    assert b["RT_infl2"].values[5] > 1.0 and b["RT_infl"].values.max() == 0.0
+    assert b["PDL1_2"].values[5] > b["PDL1"].values[5] + 0.2
+    assert b["tumor_diameter2"].values[84] < 0.9 * b["tumor_diameter"].values[84]
+
+
+def test_rt_to_lesion2_raises_its_pdl1_and_cd8_infiltration(two_lesion):
+    """The lesion-2 counterpart of the lesion-1 test above, at the default patient (lesion 2 smaller
+    than lesion 1): 5 x 2 Gy to lesion 2 raises PDL1_2 and Te2 and leaves lesion 1's PD-L1 alone."""
+    fx = im.Regimen((im.Dose("RT_gy2", 2.0, start=60.0, every=1.0, count=5, label="RT 2 Gy lesion 2"),))
+    outs = ["PDL1", "PDL1_2", "Te", "Te2", "radiation_inflammation2"]
+    t = np.arange(55.0, 71.0)
+    none = im.simulate(two_lesion, None, t_eval=t, outputs=outs)
+    rt = im.simulate(two_lesion, fx, t_eval=t, outputs=outs)
+    i = 65 - 55
+    assert rt["radiation_inflammation2"].values[i] > 0.5
+    assert rt["PDL1_2"].values[i] > none["PDL1_2"].values[i] + 0.2
+    assert rt["Te2"].values[i] > 1.15 * none["Te2"].values[i]
+    assert rt["PDL1"].values[i] < none["PDL1"].values[i] + 0.05
+
+
+def test_rt_infl2_matches_closed_form_and_is_exactly_zero_without_rt_to_lesion2(two_lesion, regs):
+    """RT_infl2 after one fraction of d Gy to lesion 2 is q d k (exp(-m t) - exp(-k t))/(k - m), as
+    RT_infl for lesion 1; without RT to lesion 2 (untreated, pembrolizumab, SBRT to lesion 1) it and
+    RT_gy2 are exactly 0, so every lesion-2 RT flux is exactly 0 there."""
+    for reg in (None, regs["pembro"], regs["rt_pembro"]):
+        ds = im.simulate(two_lesion, reg, t_end=365.0, outputs=["RT_infl2", "RT_gy2", "RT_infl"])
+        assert np.all(ds["RT_infl2"].values == 0.0) and np.all(ds["RT_gy2"].values == 0.0)
+    assert ds["RT_infl"].values.max() > 1.0   # SBRT to lesion 1 did inflame lesion 1
+    pv = {n: two_lesion.model.parameters[n].value for n in ("k_RT", "q_RT_infl", "d_RT_infl")}
+    k, m, q, dose = pv["k_RT"], pv["d_RT_infl"], pv["q_RT_infl"], 8.0
+    t = np.array([0.0, 0.5, 2.0, 7.0, 20.0])
+    ds = im.simulate(two_lesion, im.Regimen((im.Dose("RT_gy2", dose, start=0.0, unit="Gy"),)), t_eval=t,
+                     outputs=["RT_infl2", "RT_infl"], rtol=1e-10, atol=1e-12)
+    ref = q * dose * k * (np.exp(-m * t) - np.exp(-k * t)) / (k - m)
+    np.testing.assert_allclose(ds["RT_infl2"].values, ref, rtol=1e-7, atol=1e-10)
+    assert np.all(ds["RT_infl"].values == 0.0)
+
+
+def test_rt_to_both_lesions_with_pembrolizumab_keeps_states_nonnegative(two_lesion, regs):
+    both = regs["rt_pembro"] + im.Regimen((im.Dose("RT_gy2", 8.0, start=0.0, every=1.0, count=3, unit="Gy"),))
+    ds = im.simulate(two_lesion, both, t_end=730.0)
+    for s in two_lesion.state_names:
+        v = ds[s].values
+        assert np.all(np.isfinite(v)), s
+        assert v.min() >= -1e-8 * max(1.0, np.abs(v).max()), f"{s} went negative: {v.min()}"
+
+
+@pytest.mark.parametrize("name", ["nsclc_io_rt_2lesion.toml", "cic_nsclc.toml"])
+def test_unit_check_passes_on_models_with_both_lesions_irradiable(name, capsys):
+    assert cli_main(["check", str(MODELS / name)]) == 0
+    assert "RT_infl2" in capsys.readouterr().out
+
+
 def test_abscopal_effect_on_lesion2_is_larger_with_anti_pd1(two_lesion, regs):
     d2 = {k: im.simulate(two_lesion, regs[k], t_end=182.0, outputs=["tumor_diameter2"])
           ["tumor_diameter2"].values for k in ("rt", "rt_pembro", "pembro_d7")}
@@ -295,17 +390,24 @@ unit = "1"
 [states.DC]
 initial = 0.0
 unit = "1"
+[states.RT_infl2]
+initial = 0.0
+unit = "1"
 [parameters]
 K_Ag = { value = 0.02, unit = "1", source = "test stub" }
 [odes]
 Ag = "0"
 DC = "0"
+RT_infl2 = "0"
 """
 
 
-def test_rt_dc_activation_matches_closed_form_of_one_fraction(tmp_path):
+@pytest.mark.parametrize("infl2", [0.0, 0.3], ids=["lesion2-not-irradiated", "lesion2-inflamed"])
+def test_rt_dc_activation_matches_closed_form_of_one_fraction(tmp_path, infl2):
     """One fraction of d Gy: RT_gy = d exp(-k t), RT_infl = q d k (exp(-m t) - exp(-k t))/(k - m)
-    (m = d_RT_infl); with antigen held fixed, DC(t) = int_0^t k_DC_RT hill(RT_infl, K) hill(Ag, K_Ag, 2)."""
+    (m = d_RT_infl); with antigen and lesion 2's inflammation RT_infl2 = c held fixed,
+    DC(t) = int_0^t k_DC_RT (hill(RT_infl, K) + hill(c, K)) hill(Ag, K_Ag, 2): the sum of one
+    licensing flux per irradiated lesion (c = 0: the lesion-1 route alone)."""
     from scipy.integrate import quad
 
     _rt_only_model(tmp_path)  # writes stub.toml (DAMP, PDL1, Tp, Te, infiltration)
@@ -320,8 +422,9 @@ def test_rt_dc_activation_matches_closed_form_of_one_fraction(tmp_path):
     reg = im.Regimen((im.Dose("RT_gy", dose, start=0.0, unit="Gy"),))
     t = np.array([0.0, 2.0, 7.0, t_end])
     ds = im.simulate(model, reg, t_eval=t, parameters=FROZEN, outputs=["DC", "RT_infl"],
-                     method="LSODA", rtol=1e-11, atol=1e-14)
+                     initial={"RT_infl2": infl2}, method="LSODA", rtol=1e-11, atol=1e-14)
     k, m = pv["k_RT"], pv["d_RT_infl"]
+    h2 = infl2 / (pv["K_RT_DC"] + infl2)
 
     def infl(s):
         return pv["q_RT_infl"] * dose * k * (math.exp(-m * s) - math.exp(-k * s)) / (k - m)
@@ -329,7 +432,7 @@ def test_rt_dc_activation_matches_closed_form_of_one_fraction(tmp_path):
     h_ag = 0.03**2 / (0.03**2 + 0.02**2)
     for i, ti in enumerate(t):
         assert ds["RT_infl"].values[i] == pytest.approx(infl(ti), rel=1e-6, abs=1e-12)
-        ref = quad(lambda s: pv["k_DC_RT"] * infl(s) / (pv["K_RT_DC"] + infl(s)) * h_ag, 0.0, ti,
+        ref = quad(lambda s: pv["k_DC_RT"] * (infl(s) / (pv["K_RT_DC"] + infl(s)) + h2) * h_ag, 0.0, ti,
                    points=[0.1, 1.0], epsabs=1e-13, epsrel=1e-11)[0] if ti > 0 else 0.0
         assert ds["DC"].values[i] == pytest.approx(ref, rel=1e-6, abs=1e-12)
     assert ds["DC"].values[-1] > 1.0  # not a trivially zero route
