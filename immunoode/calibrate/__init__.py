@@ -1,6 +1,6 @@
 """Calibration: fit population and mechanistic parameters to clinical rates
-(:mod:`.targets`, :mod:`.likelihood`, :mod:`.vpop`, :mod:`.fit`, :mod:`.report`, optional
-posterior sampling in :mod:`.posterior`) and to
+(:mod:`.targets`, :mod:`.likelihood`, :mod:`.vpop`, adaptive cohorts in :mod:`.adapt`,
+:mod:`.fit`, :mod:`.report`, optional posterior sampling in :mod:`.posterior`) and to
 concentration/tumor-size time courses (:mod:`.timecourse`).
 
 Submodules are imported on use, so ``import immunoode.calibrate`` stays cheap.

@@ -18,7 +18,11 @@ over the mechanistic parameters from the best grid point, each step re-fitting t
 population parameters locally; (3) *profiles*: profile likelihood of every fitted parameter
 (population ones re-optimise the others at each profile value; the mechanistic profile is
 the inner optimum along the grid), giving 95 % intervals at Δχ² = 3.84 and flagging
-parameters the targets leave unbounded.  The cohort seed is fixed (common random numbers),
+parameters the targets leave unbounded.  Optional: *adaptation* rounds (``[cohort]
+adapt_rounds``) redraw the cohorts from a defensive mixture centred on the optimum
+(:mod:`.adapt`) and repeat a short global check and the local stage, raising the effective
+sample size; *validation* (``[stages] validate_n``) draws a fresh cohort from the fitted
+population with a new seed and reports every target on it.  The cohort seed is fixed (common random numbers),
 so the objective and the whole fit are deterministic for a given seed.
 
 Fit file (TOML)::
@@ -34,6 +38,9 @@ Fit file (TOML)::
     method = "lhs"
     n_jobs = 2
     min_ess = 50                      # penalty below this effective sample size
+    adapt_rounds = 0                  # > 0: redraw cohorts from a defensive mixture centred
+    adapt_defensive = 0.2             #   on the fit (module .adapt): share from the broad q
+    adapt_inflation = 1.5             #   and factor on the fitted log-scale spread
 
     [stages]
     global_maxiter = 40
@@ -43,6 +50,8 @@ Fit file (TOML)::
     profile_points = 9
     emcee_steps = 0                   # > 0: emcee posterior of the population parameters
                                       # (also emcee_walkers, emcee_burn, emcee_thin)
+    validate_n = 0                    # > 0: fresh cohort per arm from the fitted population
+    adapt_global_maxiter = 10         # DE generations of each adaptation round's global check
 
     [arms.1l_ici_mono]
     trial = "trials/1l_ici_mono.toml"
@@ -94,19 +103,20 @@ CHI2_95 = 3.841458820694124
 
 _SECTIONS = {"fit", "cohort", "stages", "arms", "population", "parameters"}
 _FIT_KEYS = {"name", "kind", "targets", "seed", "interval_scale", "description"}
-_COHORT_KEYS = {"n", "method", "n_jobs", "min_ess"}
+_COHORT_KEYS = {"n", "method", "n_jobs", "min_ess", "adapt_rounds", "adapt_defensive",
+                "adapt_inflation"}
 _STAGE_KEYS = {"global_maxiter", "global_popsize", "mechanistic_grid", "mechanistic_refine",
                "profile_points", "local_max_nfev", "emcee_steps", "emcee_walkers", "emcee_burn",
-               "emcee_thin"}
+               "emcee_thin", "validate_n", "adapt_global_maxiter"}
 _ARM_KEYS = {"trial", "label", "covariates", "n"}
 _POP_KEYS = {"dist", "median", "cv", "mean", "sd", "effects"}
 _PAR_KEYS = {"kind", "value", "min", "max", "vary", "scale", "prior", "description", "unit"}
 _STAGE_DEFAULTS = {"global_maxiter": 40, "global_popsize": 8, "mechanistic_grid": 5,
                    "mechanistic_refine": 6, "profile_points": 9, "local_max_nfev": 400,
-                   "emcee_steps": 0, "emcee_walkers": 0, "emcee_thin": 1}
+                   "emcee_steps": 0, "emcee_walkers": 0, "emcee_thin": 1, "validate_n": 0}
 # emcee_* may be 0 (steps 0 = no posterior sampling, walkers 0 = automatic); emcee_burn
 # defaults to a quarter of the steps
-_STAGE_ZERO_OK = {"emcee_steps", "emcee_walkers", "emcee_burn"}
+_STAGE_ZERO_OK = {"emcee_steps", "emcee_walkers", "emcee_burn", "validate_n"}
 
 
 class FitFileError(ModelError):
@@ -256,6 +266,19 @@ def load_fit(path) -> FitSpec:
     for k in ("n", "n_jobs"):
         cohort[k] = _number(cohort[k], file, "cohort", None, k, integer=True, positive=True)
     cohort["min_ess"] = _number(cohort["min_ess"], file, "cohort", None, "min_ess")
+    cohort["adapt_rounds"] = _number(cohort["adapt_rounds"], file, "cohort", None,
+                                     "adapt_rounds", integer=True)
+    if cohort["adapt_rounds"] < 0:
+        raise FitFileError(f"'adapt_rounds' must be >= 0; got {cohort['adapt_rounds']}",
+                           file=file, section="cohort")
+    cohort["adapt_defensive"] = _number(cohort["adapt_defensive"], file, "cohort", None,
+                                        "adapt_defensive")
+    if not 0.0 <= cohort["adapt_defensive"] < 1.0:
+        raise FitFileError(f"'adapt_defensive' (share drawn from the broad plausible density) "
+                           f"must be in [0, 1); got {cohort['adapt_defensive']}", file=file,
+                           section="cohort")
+    cohort["adapt_inflation"] = _number(cohort["adapt_inflation"], file, "cohort", None,
+                                        "adapt_inflation", positive=True)
     stages = dict(_STAGE_DEFAULTS)
     s = data.get("stages", {})
     _keys(s, _STAGE_KEYS, file, "stages")
@@ -419,9 +442,18 @@ def _covariate_names(pop: Mapping) -> set[str]:
     return out
 
 
+def _covariate_draw(arm: ArmSpec, names, seed: int, n: int = 20000) -> dict:
+    """[covariate units] A cheap draw (sampling only, no simulation) of an arm's patient
+    covariates, for the moments of a marginal proposal."""
+    from ..sampling import sample_population
+    pop = sample_population(arm.trial["population"], n, seed=seed, method="random")
+    return {c: np.asarray(pop[c].values, float) for c in names}
+
+
 def fit_cohort_defaults() -> dict:
     """Defaults of the ``[cohort]`` section."""
-    return {"n": 1000, "method": "lhs", "n_jobs": 1, "min_ess": 30.0}
+    return {"n": 1000, "method": "lhs", "n_jobs": 1, "min_ess": 30.0, "adapt_rounds": 0,
+            "adapt_defensive": 0.2, "adapt_inflation": 1.5}
 
 
 # --------------------------------------------------------------------------- objective
@@ -452,8 +484,13 @@ class RateFit:
         self.n_eval = 0
         self.n_sim = 0
         self.sim_time = 0.0
+        self.n_patients = 0
         self._cache: dict[tuple, dict[str, _ArmData]] = {}
         self._models = {}
+        #: adaptation round of the current cohorts (0 = the broad plausible cohorts) and the
+        #: defensive-mixture proposal of each arm in rounds >= 1 (:mod:`.adapt`)
+        self.round = 0
+        self.proposals: dict = {}
         self._check_arms()
 
     # ---- preparation
@@ -515,33 +552,79 @@ class RateFit:
         return ps
 
     # ---- cohorts
+    def arm_size(self, arm: str) -> int:
+        """Plausible patients of one arm (``[arms.X] n`` or ``[cohort] n``)."""
+        return self.spec.arms[arm].n or int(self.spec.cohort["n"])
+
+    def broad(self, arm: str) -> dict[str, dict]:
+        """The broad plausible distribution (trial file) of every re-weighted variable."""
+        pars = self.spec.arms[arm].trial["population"]["parameters"]
+        return {v: dict(pars[v]) for v in self.spec.population.names}
+
+    def set_proposals(self, proposals: Mapping, round_: int) -> None:
+        """Draw the cohorts of adaptation round ``round_`` from ``proposals`` (arm ->
+        :class:`~.adapt.MixtureProposal`) from now on; earlier rounds' cohorts are dropped
+        (their χ² values are on other cohorts and must not be compared)."""
+        self.proposals = dict(proposals)
+        self.round = int(round_)
+        self._cache.clear()
+
+    def _simulate(self, arm, mech: Mapping[str, float], n: int, seed: int,
+                  overrides: Mapping[str, Mapping] | None = None, what: str = "plausible"):
+        """One simulated sub-cohort of ``arm``: ``n`` patients, the re-weighted variables'
+        sampling specs replaced by ``overrides``; returns a :class:`Cohort` (its ``log_q``
+        is the broad density up to a constant)."""
+        from ..trial import run_trial
+        tspec = copy.deepcopy(dict(arm.trial))
+        pars = tspec["population"].setdefault("parameters", {})
+        plaus = {v: dict(pars[v]) for v in self.spec.population.names}
+        for k, v in (overrides or {}).items():
+            pars[k] = dict(v)
+        for k, v in mech.items():
+            pars[k] = {"dist": "fixed", "value": float(v)}
+        tspec["trial"] = dict(tspec["trial"], method=self.spec.cohort["method"])
+        self.say("simulate", f"arm {arm.name}: {n} {what} patients at {dict(mech)}"
+                             + (f" (round {self.round})" if self.round else ""))
+        ds = run_trial(tspec, n=n, seed=seed, n_jobs=int(self.spec.cohort["n_jobs"]),
+                       progress=self.progress, model=self._models[arm.name])
+        if int(ds.attrs.get("interrupted", 0)):
+            # run_trial keeps the finished patients on Ctrl-C; a fit must not go on with
+            # a partial cohort, so the interrupt is passed on (no outputs are written)
+            raise KeyboardInterrupt(f"cohort of arm {arm.name!r} interrupted")
+        pcov = tuple(sorted({c for v in self.spec.population.variables for c, _ in v.effects
+                             if c not in arm.covariates}))
+        self.n_patients += n
+        return Cohort.from_trial(ds, arm.name, plaus, arm_covariates=arm.covariates,
+                                 patient_covariates=pcov)
+
     def cohorts(self, mech: Mapping[str, float]) -> dict[str, _ArmData]:
-        """Simulated plausible cohorts of every arm at these mechanistic values (cached)."""
+        """Simulated plausible cohorts of every arm at these mechanistic values (cached).
+
+        Round 0: ``n`` patients from the broad plausible density, seed ``[fit] seed``.
+        Round ``r >= 1``: the defensive mixture of :attr:`proposals` (two sub-cohorts with
+        the round's seeds); ``log_q`` is the exact mixture density.  Within a round every
+        mechanistic value uses the same seeds (common random numbers)."""
+        from .adapt import concat_cohorts
         key = tuple((k, float(mech[k])) for k in self.spec.mechanistic)
         if key in self._cache:
             return self._cache[key]
-        from ..trial import run_trial
         out = {}
         t0 = time.perf_counter()
         for arm in self.spec.arms.values():
-            tspec = copy.deepcopy(dict(arm.trial))
-            pars = tspec["population"].setdefault("parameters", {})
-            for k, v in key:
-                pars[k] = {"dist": "fixed", "value": float(v)}
-            n = arm.n or int(self.spec.cohort["n"])
-            tspec["trial"] = dict(tspec["trial"], method=self.spec.cohort["method"])
-            self.say("simulate", f"arm {arm.name}: {n} plausible patients at {dict(key)}")
-            ds = run_trial(tspec, n=n, seed=self.spec.seed, n_jobs=int(self.spec.cohort["n_jobs"]),
-                           progress=self.progress, model=self._models[arm.name])
-            if int(ds.attrs.get("interrupted", 0)):
-                # run_trial keeps the finished patients on Ctrl-C; a fit must not go on with
-                # a partial cohort, so the interrupt is passed on (no outputs are written)
-                raise KeyboardInterrupt(f"cohort of arm {arm.name!r} interrupted")
-            plaus = {v: tspec["population"]["parameters"][v] for v in self.spec.population.names}
-            pcov = tuple(sorted({c for v in self.spec.population.variables for c, _ in v.effects
-                                 if c not in arm.covariates}))
-            cohort = Cohort.from_trial(ds, arm.name, plaus, arm_covariates=arm.covariates,
-                                       patient_covariates=pcov)
+            prop = self.proposals.get(arm.name) if self.round else None
+            if prop is None:
+                cohort = self._simulate(arm, dict(key), self.arm_size(arm.name), self.spec.seed)
+            else:
+                parts = []
+                if prop.n_fitted:
+                    parts.append(self._simulate(arm, dict(key), prop.n_fitted, prop.seeds[0],
+                                                prop.fitted, "fitted-population"))
+                if prop.n_broad:
+                    parts.append(self._simulate(arm, dict(key), prop.n_broad, prop.seeds[1],
+                                                None, "broad plausible"))
+                cohort = concat_cohorts(parts)
+                cohort.log_q = prop.log_q(cohort.x)
+                cohort.attrs["proposal"] = prop.describe()
             rows = self.spec.targets.select(arm=arm.name)
             num, den = indicators(cohort.outcomes, rows)
             out[arm.name] = _ArmData(cohort, num, den, rows)
@@ -551,6 +634,33 @@ class RateFit:
             raise CalibrationError(f"every simulated patient failed at {dict(key)}; see the "
                                    f"trial 'message' variable")
         self._cache[key] = out
+        return out
+
+    def validation_cohorts(self, values: Mapping[str, float], n: int, seed: int):
+        """Fresh cohorts drawn from the fitted population at ``values`` (see
+        :func:`run_fit`): per arm ``n`` patients from :func:`.adapt.fitted_component`
+        (inflation 1) with a new ``seed``; ``log_q`` is that exact density, so the weights
+        are 1/n unless a variable depends on a patient covariate."""
+        from .adapt import fitted_component, normalized_logpdf
+        mech = {m: float(values[m]) for m in self.spec.mechanistic}
+        out = {}
+        t0 = time.perf_counter()
+        for arm in self.spec.arms.values():
+            pcov = sorted({c for v in self.spec.population.variables for c, _ in v.effects
+                           if c not in arm.covariates})
+            # patient covariates are not re-weighted: their moments come from a cheap draw
+            # of the arm's population (no simulation)
+            moments = _covariate_draw(arm, pcov, seed) if pcov else {}
+            g = fitted_component(self.spec.population, values, self.broad(arm.name),
+                                 arm.covariates, moments, inflation=1.0)
+            cohort = self._simulate(arm, mech, n, seed, g, "validation")
+            cohort.log_q = sum(normalized_logpdf(k, s, cohort.x[k]) for k, s in g.items())
+            cohort.attrs["validation_proposal"] = {k: dict(s) for k, s in g.items()}
+            rows = self.spec.targets.select(arm=arm.name)
+            num, den = indicators(cohort.outcomes, rows)
+            out[arm.name] = _ArmData(cohort, num, den, rows)
+            self.n_sim += 1
+        self.sim_time += time.perf_counter() - t0
         return out
 
     # ---- evaluation
@@ -625,6 +735,14 @@ class FitResult:
     posterior
         :class:`~immunoode.calibrate.posterior.Posterior` samples of the population
         parameters (``[stages] emcee_steps > 0``), else ``None``.
+    rounds
+        One record per cohort round (0 = broad plausible cohorts, then each adaptation
+        round): χ², ESS per arm at the round's optimum (and at the previous optimum),
+        seconds, evaluations, proposals.
+    validation
+        ``[stages] validate_n > 0``: the fresh-cohort check (seed, n, ESS per arm,
+        ``stats`` {target id: (rate, se)}, ``table`` like :attr:`table`, ``chisqr``),
+        else ``None``.
     """
 
     spec: FitSpec
@@ -640,6 +758,8 @@ class FitResult:
     grid: list
     attrs: dict
     posterior: object = None
+    rounds: list = field(default_factory=list)
+    validation: dict | None = None
 
 
 def _grid(p: ParameterSpec, n: int) -> np.ndarray:
@@ -930,47 +1050,85 @@ def run_fit(spec_or_path, *, progress: bool = False, profiles: bool = True,
     # ---- local stage: Nelder-Mead over mechanistic values, local population refits
     t0 = time.perf_counter()
     ev0 = rf.n_eval
-    if mech:
-        def at_mech(mv_point, warm):
-            mv = dict(mech_fixed, **mv_point)
-            data = rf.cohorts(mv)
-            ps = rf.parameters(dict(warm, **mv))
-            _, ps = _fit_population(rf, ps, data, global_stage=False, stages=st, seed=spec.seed)
-            vals = ps.valuesdict()
-            chi = rf.chisqr(vals, data)
-            grid.append({"point": "local", **mv, "chisqr": chi, "values": dict(vals)})
-            say("local", f"{mv}: chi2 = {chi:.3f}")
-            return chi, dict(vals)
-
-        if len(mech) == 1:
-            best = _refine_1d(mech[0], spec.parameters[mech[0]], grid, best, at_mech,
-                              int(st["mechanistic_refine"]))
-        else:
-            best_local = [best[0], dict(best[1])]
-
-            def outer(ps_m):
-                chi, vals = at_mech({m: ps_m[m].value for m in mech}, best_local[1])
-                if chi < best_local[0]:
-                    best_local[:] = [chi, vals]
-                return math.sqrt(max(chi, 0.0))
-
-            pm = lmfit.Parameters()
-            for m in mech:
-                p = spec.parameters[m]
-                pm.add(m, value=best[1][m], min=p.min, max=p.max)
-            lmfit.Minimizer(outer, pm).minimize(method="nelder",
-                                                max_nfev=int(st["mechanistic_refine"]))
-            best = (best_local[0], best_local[1], None)
-    mv_best = {m: best[1][m] for m in spec.mechanistic}
-    data = rf.cohorts(mv_best)
-    ps = rf.parameters(best[1])
-    final, ps = _fit_population(rf, ps, data, global_stage=False, stages=st, seed=spec.seed)
-    values = dict(ps.valuesdict())
-    chi_best = rf.chisqr(values, data)
+    best, final, values, chi_best, data = _local_stage(rf, spec, st, grid, best, mech,
+                                                        mech_fixed, say)
     stages_t["local (Nelder-Mead on mechanistic, least squares on population)"] = \
         time.perf_counter() - t0
     evals_local = rf.n_eval - ev0
     say("local", f"best chi2 = {chi_best:.3f}")
+    rounds = [_round_record(rf, 0, values, chi_best, data, stages_t["global (grid x differential "
+                                                                     "evolution)"]
+                            + stages_t["local (Nelder-Mead on mechanistic, least squares on "
+                                       "population)"], evals_global + evals_local)]
+    grid_all = [dict(g, round=0) for g in grid]
+
+    # ---- adaptive plausible cohorts (iterated importance sampling, module .adapt)
+    from .adapt import MixtureProposal
+    evals_adapt = 0
+    for r in range(1, int(spec.cohort["adapt_rounds"]) + 1):
+        t0 = time.perf_counter()
+        ev0 = rf.n_eval
+        props = {a: MixtureProposal.build(
+                     spec.population, values, rf.broad(a), arm.covariates,
+                     data[a].cohort.patient_covariates, n=rf.arm_size(a),
+                     defensive=float(spec.cohort["adapt_defensive"]),
+                     inflation=float(spec.cohort["adapt_inflation"]), seed=spec.seed, round_=r)
+                 for a, arm in spec.arms.items()}
+        say(f"adapt {r}", "new cohorts: " + "; ".join(
+            f"{a} {p.n_fitted} fitted + {p.n_broad} broad" for a, p in props.items()))
+        prev_grid = list(grid)
+        grid.clear()
+        rf.set_proposals(props, r)
+        mv = {m: float(values[m]) for m in spec.mechanistic}
+        data = rf.cohorts(mv)
+        ess_prev = rf.simulate_statistics(values, data, se=False)[1]
+        # cheap global check: a short differential evolution, warm-started at the last optimum
+        st_check = dict(st, global_maxiter=int(st.get("adapt_global_maxiter",
+                                                      max(3, int(st["global_maxiter"]) // 4))))
+        res, ps = _fit_population(rf, rf.parameters(values), data, global_stage=True,
+                                  stages=st_check, seed=spec.seed + r)
+        vals = dict(ps.valuesdict())
+        chi = rf.chisqr(vals, data)
+        grid.append({"point": f"adapt{r}", **mv, "chisqr": chi, "values": vals})
+        say(f"adapt {r}", f"ESS at the previous optimum " + ", ".join(
+            f"{a} {e:.0f}" for a, e in ess_prev.items()) + f"; global check chi2 = {chi:.3f}")
+        best = (chi, vals, res)
+        if mech:
+            _bracket(rf, spec, mech, mech_fixed, st, grid, prev_grid, best, say, f"adapt {r}")
+            best = min(((g["chisqr"], g["values"], None) for g in grid), key=lambda b: b[0])
+        best, final, values, chi_best, data = _local_stage(rf, spec, st, grid, best, mech,
+                                                            mech_fixed, say, label=f"adapt {r}")
+        secs = time.perf_counter() - t0
+        stages_t[f"adapt round {r} (mixture cohorts, global check, local)"] = secs
+        evals_adapt += rf.n_eval - ev0
+        rounds.append(_round_record(rf, r, values, chi_best, data, secs, rf.n_eval - ev0,
+                                    ess_previous=ess_prev, proposals=props))
+        grid_all.extend(dict(g, round=r) for g in grid)
+        say(f"adapt {r}", f"best chi2 = {chi_best:.3f}; ESS " + ", ".join(
+            f"{a} {e:.0f}" for a, e in rounds[-1]["ess"].items()))
+
+    # ---- validation on a fresh cohort drawn from the fitted population
+    validation = None
+    if int(st.get("validate_n", 0)) > 0:
+        t0 = time.perf_counter()
+        from .adapt import round_seed
+        vseed = round_seed(spec.seed, 10 ** 6, 2)
+        nv = int(st["validate_n"])
+        say("validate", f"fresh cohort: {nv} patients per arm from the fitted population, "
+                        f"seed {vseed}")
+        vdata = rf.validation_cohorts(values, nv, vseed)
+        vstats, vess = rf.simulate_statistics(values, vdata)
+        validation = {"seed": vseed, "n": nv, "ess": vess, "stats": vstats,
+                      "table": target_table(spec, rf.likelihood, vstats),
+                      "chisqr": rf.chisqr(values, vdata),
+                      "arms": {a: {**d.cohort.attrs, "n": d.cohort.size}
+                               for a, d in vdata.items()}}
+        stages_t["validation (fresh cohort from the fitted population)"] = \
+            time.perf_counter() - t0
+        vt = validation["table"]
+        fit_v = vt[vt.role == "fit"]
+        say("validate", f"fitted targets met on the fresh cohort: {int(fit_v.met.sum())}/"
+                        f"{len(fit_v)}; 2*NLL = {validation['chisqr']:.3f}")
 
     # ---- optional posterior sampling (population parameters, best mechanistic cohorts)
     posterior, evals_post = None, 0
@@ -989,9 +1147,10 @@ def run_fit(spec_or_path, *, progress: bool = False, profiles: bool = True,
         say("posterior", f"acceptance {posterior.acceptance:.2f}, "
                          f"{rf.n_eval - ev0} evaluations")
 
-    # ---- profiles
+    # ---- profiles (on the final round's cohorts)
     t0 = time.perf_counter()
     ev0 = rf.n_eval
+    mv_best = {m: values[m] for m in spec.mechanistic}
     profs, intervals = {}, {}
     import pandas as pd
     starts = {}
@@ -1014,6 +1173,11 @@ def run_fit(spec_or_path, *, progress: bool = False, profiles: bool = True,
             intervals[name] = _interval(xs, chis, values[name], chi_best, p)
             say("profile", f"{name}: 95% [{intervals[name][0]:.4g}, {intervals[name][1]:.4g}] "
                            f"{intervals[name][2]}")
+        if len(rounds) > 1 and len(mech) == 1:
+            n0 = len(grid)
+            _extend_mechanistic_profile(rf, spec, mech[0], mech_fixed, st, grid, values,
+                                        chi_best, say)
+            grid_all.extend(dict(g, round=len(rounds) - 1) for g in grid[n0:])
         for m in mech:
             rows = [g for g in grid if all(abs(g[k] - mv_best[k]) < 1e-15 or k == m
                                             for k in mech)]
@@ -1049,18 +1213,147 @@ def run_fit(spec_or_path, *, progress: bool = False, profiles: bool = True,
                      "solver": json.loads(json.dumps(spec.arms[a].trial.get("solver", {})))}
                  for a, d in data.items()},
         "immunoode_version": _version(),
+        **({"adaptation": {"rounds": len(rounds) - 1,
+                           "defensive": spec.cohort["adapt_defensive"],
+                           "inflation": spec.cohort["adapt_inflation"]}}
+           if len(rounds) > 1 else {}),
+        **({"validation": {"seed": validation["seed"], "n": validation["n"],
+                           "arms": validation["arms"]}} if validation is not None else {}),
     }
     counts = {"objective_evaluations": rf.n_eval, "global_evaluations": evals_global,
-              "local_evaluations": evals_local, "profile_evaluations": evals_prof,
+              "local_evaluations": evals_local,
+              **({"adaptation_evaluations": evals_adapt} if len(rounds) > 1 else {}),
+              "profile_evaluations": evals_prof,
               **({"posterior_evaluations": evals_post} if posterior is not None else {}),
               "cohort_simulations": rf.n_sim,
-              "simulated_patients": int(sum(d.cohort.size for d in data.values()))
-              * max(1, len(rf._cache)),
+              "simulated_patients": int(rf.n_patients),
               "simulation_seconds": rf.sim_time,
               "reweighting_evaluations_per_second":
                   (rf.n_eval / max(total - rf.sim_time, 1e-9))}
     return FitResult(spec, values, chi_best, final, table, intervals, profs, stages_t, counts,
-                     ess, grid, attrs, posterior)
+                     ess, grid_all, attrs, posterior, rounds, validation)
+
+
+def _at_mech_fn(rf: RateFit, mech_fixed, st, grid: list, say, label: str):
+    """A function ``(mechanistic point, warm values) -> (χ², values)``: simulate (cached) and
+    re-fit the population parameters locally; every point is appended to ``grid``."""
+    def at_mech(mv_point, warm):
+        mv = dict(mech_fixed, **mv_point)
+        data = rf.cohorts(mv)
+        ps = rf.parameters(dict(warm, **mv))
+        _, ps = _fit_population(rf, ps, data, global_stage=False, stages=st, seed=rf.spec.seed)
+        vals = ps.valuesdict()
+        chi = rf.chisqr(vals, data)
+        grid.append({"point": "local", **mv, "chisqr": chi, "values": dict(vals)})
+        say(label, f"{mv}: chi2 = {chi:.3f}")
+        return chi, dict(vals)
+    return at_mech
+
+
+def _local_stage(rf: RateFit, spec: FitSpec, st, grid: list, best, mech, mech_fixed, say,
+                 label: str = "local"):
+    """Local stage from ``best = (χ², values, _)``: bisection (one mechanistic parameter) or
+    Nelder–Mead (several) over the mechanistic values, then the final population fit.
+
+    Returns ``(best, lmfit result, values, χ², cohorts)``."""
+    import lmfit
+    if mech:
+        at_mech = _at_mech_fn(rf, mech_fixed, st, grid, say, label)
+        if len(mech) == 1:
+            best = _refine_1d(mech[0], spec.parameters[mech[0]], grid, best, at_mech,
+                              int(st["mechanistic_refine"]))
+        else:
+            best_local = [best[0], dict(best[1])]
+
+            def outer(ps_m):
+                chi, vals = at_mech({m: ps_m[m].value for m in mech}, best_local[1])
+                if chi < best_local[0]:
+                    best_local[:] = [chi, vals]
+                return math.sqrt(max(chi, 0.0))
+
+            pm = lmfit.Parameters()
+            for m in mech:
+                p = spec.parameters[m]
+                pm.add(m, value=best[1][m], min=p.min, max=p.max)
+            lmfit.Minimizer(outer, pm).minimize(method="nelder",
+                                                max_nfev=int(st["mechanistic_refine"]))
+            best = (best_local[0], best_local[1], None)
+    mv_best = {m: best[1][m] for m in spec.mechanistic}
+    data = rf.cohorts(mv_best)
+    ps = rf.parameters(best[1])
+    final, ps = _fit_population(rf, ps, data, global_stage=False, stages=st, seed=spec.seed)
+    values = dict(ps.valuesdict())
+    chi_best = rf.chisqr(values, data)
+    return best, final, values, chi_best, data
+
+
+def _bracket(rf: RateFit, spec: FitSpec, mech, mech_fixed, st, grid, prev_grid, best, say,
+             label):
+    """Warm start of an adaptation round's local stage for one mechanistic parameter: the
+    new cohorts are simulated at the previous optimum ± twice the previous round's nearest
+    spacing (on the parameter's scale), so the bisection of :func:`_refine_1d` can move.
+    Several mechanistic parameters need no bracket (Nelder–Mead starts from the optimum)."""
+    if len(mech) != 1:
+        return
+    m = mech[0]
+    p = spec.parameters[m]
+    f = math.log if p.scale == "log" else (lambda x: x)
+    fi = math.exp if p.scale == "log" else (lambda u: u)
+    x0 = float(best[1][m])
+    xs = sorted({float(g[m]) for g in prev_grid} | {x0})
+    i = xs.index(x0)
+    gaps = [f(xs[i]) - f(xs[i - 1])] if i > 0 else []
+    gaps += [f(xs[i + 1]) - f(xs[i])] if i + 1 < len(xs) else []
+    d = 2.0 * max(gaps) if gaps else (f(p.max) - f(p.min)) / 8.0
+    at_mech = _at_mech_fn(rf, mech_fixed, st, grid, say, label)
+    for u in (f(x0) - d, f(x0) + d):
+        u = min(max(u, f(p.min)), f(p.max))
+        if abs(u - f(x0)) > 1e-12:
+            at_mech({m: fi(u)}, best[1])
+
+
+def _extend_mechanistic_profile(rf: RateFit, spec: FitSpec, m: str, mech_fixed, st, grid,
+                                values, chi_best, say, max_steps: int = 2) -> None:
+    """After adaptation the final round's cohorts were simulated only near the optimum of the
+    mechanistic parameter ``m``; step outward on each side (doubling the distance, at most
+    ``max_steps`` re-simulations per side) until Δχ² ≥ 3.84 or the bound, so its profile
+    interval rests on the final cohorts."""
+    p = spec.parameters[m]
+    f = math.log if p.scale == "log" else (lambda x: x)
+    fi = math.exp if p.scale == "log" else (lambda u: u)
+    x0 = float(values[m])
+    at_mech = _at_mech_fn(rf, mech_fixed, st, grid, say, "profile")
+    for sign in (-1.0, 1.0):
+        for _ in range(max_steps):
+            pts: dict[float, float] = {}
+            for g in grid:
+                x = float(g[m])
+                pts[x] = min(pts.get(x, math.inf), g["chisqr"])
+            side = [x for x in pts if (x - x0) * sign > 0]
+            if any(pts[x] - chi_best >= CHI2_95 for x in side):
+                break
+            far = max(side, key=lambda x: abs(f(x) - f(x0))) if side else x0
+            d = abs(f(far) - f(x0)) or (f(p.max) - f(p.min)) / 8.0
+            u = min(max(f(x0) + sign * 2.0 * d, f(p.min)), f(p.max))
+            if abs(u - f(far)) < 1e-12:
+                break  # at the bound already
+            at_mech({m: fi(u)}, values)
+
+
+def _round_record(rf: RateFit, r: int, values, chi, data, seconds, evaluations, *,
+                  ess_previous=None, proposals=None) -> dict:
+    """Summary of one adaptation round (ESS per arm at its optimum, χ², cost)."""
+    _, ess = rf.simulate_statistics(values, data, se=False)
+    rec = {"round": r, "chisqr": float(chi), "seconds": float(seconds),
+           "evaluations": int(evaluations),
+           "n": {a: d.cohort.size for a, d in data.items()},
+           "ess": {a: float(e) for a, e in ess.items()},
+           "values": dict(values)}
+    if ess_previous is not None:
+        rec["ess_at_previous_optimum"] = {a: float(e) for a, e in ess_previous.items()}
+    if proposals is not None:
+        rec["proposals"] = {a: p.describe() for a, p in proposals.items()}
+    return rec
 
 
 def _version() -> str:

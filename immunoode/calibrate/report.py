@@ -34,8 +34,9 @@ def fit_report(result) -> str:
              f"    2*NLL (deviance)     = {result.chisqr:.4f}",
              f"    fitted terms         = {len(result.table[result.table.role == 'fit'])} targets",
              f"    effective sample size: " + ", ".join(f"{a} {e:.0f}" for a, e in
-                                                         result.ess.items()),
-             "[[Variables]]  (95% profile-likelihood intervals, Δχ² = 3.84)"]
+                                                         result.ess.items())]
+    lines += _rounds_lines(result)
+    lines.append("[[Variables]]  (95% profile-likelihood intervals, Δχ² = 3.84)")
     for name, p in spec.parameters.items():
         v = result.values[name]
         if not p.vary:
@@ -57,17 +58,35 @@ def fit_report(result) -> str:
         lines.append("    Not (fully) identified by the targets: " + ", ".join(
             f"{k} ({result.intervals[k][2]})" for k in unid))
     lines.append("[[Targets]]  (percent; interval = published range or exact 95% CI of k/n)")
+    val = getattr(result, "validation", None)
+    vcols = (f" {'fresh':>6} {'±se':>5} {'met':>4}" if val is not None else "")
     lines.append(f"    {'id':<4} {'arm':<13} {'statistic':<17} {'role':<8} {'observed':>8} "
-                 f"{'interval':>15} {'simulated':>9} {'±MC se':>7} {'met':>4}")
+                 f"{'interval':>15} {'simulated':>9} {'±MC se':>7} {'met':>4}{vcols}")
+    vt = val["table"].set_index("id") if val is not None else None
     for _, r in result.table.iterrows():
+        extra = ""
+        if vt is not None:
+            v = vt.loc[r["id"]]
+            extra = (f" {_fmt(v['simulated']):>6} {_fmt(v['mc_se']):>5} "
+                     f"{'yes' if v['met'] else 'NO':>4}")
         lines.append(f"    {r['id']:<4} {r['arm']:<13} {r['statistic']:<17} {r['role']:<8} "
                      f"{_fmt(r['observed']):>8} {_fmt(r['low']):>7}-{_fmt(r['high']):<7} "
                      f"{_fmt(r['simulated']):>9} {_fmt(r['mc_se']):>7} "
-                     f"{'yes' if r['met'] else 'NO':>4}")
+                     f"{'yes' if r['met'] else 'NO':>4}{extra}")
     fit_rows = result.table[result.table.role == "fit"]
     held = result.table[result.table.role == "heldout"]
     lines.append(f"    fitted targets met: {int(fit_rows.met.sum())}/{len(fit_rows)}; held-out "
-                 f"predictions inside the published interval: {int(held.met.sum())}/{len(held)}")
+                 f"predictions inside the published interval: {int(held.met.sum())}/{len(held)}"
+                 + (" (in-sample: on the cohorts the fit was tuned on)" if val is not None
+                    else ""))
+    if val is not None:
+        vf, vh = vt[vt.role == "fit"], vt[vt.role == "heldout"]
+        lines.append(f"    FRESH COHORT ({val['n']} patients per arm drawn from the fitted "
+                     f"population, seed {val['seed']}; ESS " + ", ".join(
+                         f"{a} {e:.0f}" for a, e in val["ess"].items()) + "):")
+        lines.append(f"    fitted targets met: {int(vf.met.sum())}/{len(vf)}; held-out "
+                     f"predictions inside the published interval: {int(vh.met.sum())}/{len(vh)};"
+                     f" 2*NLL = {val['chisqr']:.3f}")
     post = getattr(result, "posterior", None)
     if post is not None:
         st = post.settings
@@ -161,8 +180,12 @@ def fitted_model_toml(result, model_name: str, model_path: str, units: dict) -> 
              f"include = [{json.dumps(model_path)}]", "", "[parameters]"]
     for m in spec.mechanistic:
         lo, hi, flag = result.intervals.get(m, (math.nan, math.nan, ""))
-        src = (f"fitted by immunoode fit {Path(spec.file).name} (seed {spec.seed}); 95% profile "
-               f"interval [{lo:.4g}, {hi:.4g}]{'; ' + flag if flag else ''}")
+        if not spec.parameters[m].vary:
+            src = (f"held fixed by immunoode fit {Path(spec.file).name} (seed {spec.seed}); "
+                   f"not fitted")
+        else:
+            src = (f"fitted by immunoode fit {Path(spec.file).name} (seed {spec.seed}); 95% "
+                   f"profile interval [{lo:.4g}, {hi:.4g}]{'; ' + flag if flag else ''}")
         lines.append(f"{m} = {{ value = {_toml_value(result.values[m])}, unit = "
                      f"{json.dumps(units[m])}, override = true, source = {json.dumps(src)} }}")
     return "\n".join(lines) + "\n"
@@ -181,6 +204,23 @@ def fitted_parameters_toml(result) -> str:
     return "\n".join(lines)
 
 
+def _rounds_lines(result) -> list[str]:
+    """Report lines of the cohort rounds (adaptive plausible cohorts), if any."""
+    rounds = getattr(result, "rounds", None) or []
+    if len(rounds) < 2:
+        return []
+    lines = ["[[Cohort rounds]]  (0 = broad plausible cohort; then defensive-mixture cohorts "
+             "centred on the previous optimum)"]
+    for r in rounds:
+        ess = ", ".join(f"{a} {e:.0f}/{r['n'][a]}" for a, e in r["ess"].items())
+        prev = r.get("ess_at_previous_optimum")
+        extra = ("; at the previous optimum " + ", ".join(f"{e:.0f}" for e in prev.values())
+                 if prev else "")
+        lines.append(f"    round {r['round']}: 2*NLL {r['chisqr']:.3f}, {r['evaluations']} "
+                     f"evaluations, {r['seconds']:.1f} s; ESS {ess}{extra}")
+    return lines
+
+
 def targets_vs_simulated_plot(result, ax=None):
     """Per arm: published value/interval (grey) vs simulated value ± 2 MC se (colour).
 
@@ -190,6 +230,8 @@ def targets_vs_simulated_plot(result, ax=None):
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     tab = result.table
+    val = getattr(result, "validation", None)
+    vt = val["table"].set_index("id") if val is not None else None
     arms = list(result.spec.arms)
     fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 4.2), squeeze=False)
     for ax_, arm in zip(axes[0], arms):
@@ -201,6 +243,11 @@ def targets_vs_simulated_plot(result, ax=None):
             col = "tab:blue" if r["role"] == "fit" else "tab:orange"
             se = r["mc_se"] if math.isfinite(r["mc_se"]) else 0.0
             ax_.errorbar(i, 100 * r["simulated"], yerr=200 * se, fmt="o", color=col)
+            if vt is not None:
+                v = vt.loc[r["id"]]
+                vse = v["mc_se"] if math.isfinite(v["mc_se"]) else 0.0
+                ax_.errorbar(i + 0.25, 100 * v["simulated"], yerr=200 * vse, fmt="s",
+                             color="tab:green", ms=4)
         ax_.set_xticks(range(len(rows)))
         ax_.set_xticklabels([f"{r['id']}\n{r['statistic']}" for _, r in rows.iterrows()],
                             rotation=60, fontsize=7)
@@ -210,7 +257,9 @@ def targets_vs_simulated_plot(result, ax=None):
     axes[0][0].legend(handles=[
         plt.Line2D([], [], color="0.6", lw=6, label="published range / 95% CI"),
         plt.Line2D([], [], color="tab:blue", marker="o", ls="", label="simulated (fitted)"),
-        plt.Line2D([], [], color="tab:orange", marker="o", ls="", label="simulated (held out)")],
+        plt.Line2D([], [], color="tab:orange", marker="o", ls="", label="simulated (held out)")]
+        + ([plt.Line2D([], [], color="tab:green", marker="s", ls="",
+                       label="fresh cohort (validation)")] if vt is not None else []),
         fontsize=7, loc="upper right")
     fig.tight_layout()
     return fig, axes
@@ -272,7 +321,14 @@ def write_fit_outputs(result, out_dir) -> list[Path]:
 
     put("report.txt", fit_report(result) + "\n")
     tab = result.table.copy()
-    for c in ("observed", "low", "high", "simulated", "mc_se"):
+    val = getattr(result, "validation", None)
+    if val is not None:
+        vt = val["table"].set_index("id")
+        tab["validation"] = tab["id"].map(vt["simulated"])
+        tab["validation_se"] = tab["id"].map(vt["mc_se"])
+        tab["validation_met"] = tab["id"].map(vt["met"])
+    for c in ("observed", "low", "high", "simulated", "mc_se") + (
+            ("validation", "validation_se") if val is not None else ()):
         tab[c + "_pct"] = 100 * tab.pop(c)
     p = out / "targets_vs_simulated.csv"
     tab.to_csv(p, index=False, float_format="%.4g")
@@ -314,6 +370,10 @@ def write_fit_outputs(result, out_dir) -> list[Path]:
                "intervals": {k: list(v) for k, v in result.intervals.items()},
                "stages_seconds": result.stages, "counts": result.counts, "ess": result.ess,
                "grid": result.grid, "provenance": result.attrs,
+               **({"rounds": result.rounds} if len(getattr(result, "rounds", []) or []) > 1
+                  else {}),
+               **({"validation": {k: v for k, v in val.items() if k != "table"}}
+                  if val is not None else {}),
                **({"posterior": {"summary": post.summary(), "acceptance": post.acceptance,
                                  "autocorr": post.autocorr, "settings": post.settings}}
                   if post is not None else {})}
