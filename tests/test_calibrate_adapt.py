@@ -20,9 +20,7 @@ from immunoode.calibrate.fit import FitFileError, RateFit, load_fit, run_fit
 from immunoode.calibrate.vpop import Cohort, PopulationModel, VariableModel, weighted_rates
 from immunoode.sampling import sample_population
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "fits" / "examples"
-TRUTH = {"e_median": 0.01, "e_cv": 0.8, "e_prior": -0.7, "f_median": 0.01, "g_r": 0.01}
+from .synthetic_fit import EXAMPLE, TRUTH, synthetic_fit_file
 
 
 # --------------------------------------------------------------------------- densities
@@ -176,27 +174,9 @@ def test_bad_adaptation_keys_are_clear_errors(tmp_path, line, match):
 def adapted(tmp_path_factory):
     """Synthetic targets from TRUTH (directly drawn cohorts), fitted from a perturbed start
     on a small plausible cohort with one adaptation round and a fresh validation cohort."""
-    from immunoode.calibrate.synthetic import simulate_true_rates, write_synthetic_targets
-    from immunoode.calibrate.targets import Target
-    d = tmp_path_factory.mktemp("adapt")
-    for f in EXAMPLE.iterdir():
-        if f.suffix in (".toml", ".csv"):
-            shutil.copy(f, d / f.name)
-    rows = [dict(id="A1", statistic="orr", arm="a"), dict(id="A2", statistic="bor_pd", arm="a"),
-            dict(id="A3", statistic="ar_of_responders", arm="a", landmark_days=365),
-            dict(id="A4", statistic="ar_of_responders", arm="a", landmark_days=270),
-            dict(id="B1", statistic="orr", arm="b"), dict(id="B2", statistic="bor_pd", arm="b"),
-            dict(id="B3", statistic="ar_of_responders", arm="b", landmark_days=365),
-            dict(id="H1", statistic="pfs_rate", arm="a", landmark_days=182, role="heldout")]
-    spec = load_fit(d / "two_clone_fit.toml")
-    targets = [Target(id=r["id"], statistic=r["statistic"], arm=r["arm"], kind="binomial",
-                      role="fit", landmark_days=r.get("landmark_days")) for r in rows]
-    rates = simulate_true_rates(spec, TRUTH, targets, n=4000, seed=12345)
-    write_synthetic_targets(d / "two_clone_targets.csv", rates, rows, n_obs=400)
-    f = d / "two_clone_fit.toml"
-    f.write_text(f.read_text().replace("value = 0.015", "value = 0.02")
-                 .replace("n = 1500", "n = 800\nadapt_rounds = 1")
-                 .replace("global_maxiter = 25", "global_maxiter = 10\nvalidate_n = 1000"))
+    f, rates, targets = synthetic_fit_file(tmp_path_factory.mktemp("adapt"), [
+        ("value = 0.015", "value = 0.02"), ("n = 1500", "n = 800\nadapt_rounds = 1"),
+        ("global_maxiter = 25", "global_maxiter = 10\nvalidate_n = 1000")])
     return run_fit(f), f, rates, targets
 
 

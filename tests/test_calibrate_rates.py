@@ -19,8 +19,7 @@ from immunoode.calibrate.targets import TargetError, load_targets
 from immunoode.calibrate.vpop import Cohort, PopulationModel, VariableModel, weighted_rates
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "fits" / "examples"
-TRUTH = {"e_median": 0.01, "e_cv": 0.8, "e_prior": -0.7, "f_median": 0.01, "g_r": 0.01}
+from .synthetic_fit import EXAMPLE, TRUTH, synthetic_fit_file
 HEADER = ("id,statistic,arm,kind,value,low,high,n,landmark_days,window_days,group,role,"
           "source_ids,trial_or_study,source,note\n")
 
@@ -204,29 +203,11 @@ def test_mechanistic_parameter_must_exist_in_every_arm_model(tmp_path):
 @pytest.fixture(scope="session")
 def recovery(tmp_path_factory):
     """Synthetic targets simulated from TRUTH (4000 patients per arm, n = 400 each), fitted
-    from the perturbed start values of the example fit file."""
-    from immunoode.calibrate.synthetic import simulate_true_rates, write_synthetic_targets
-    from immunoode.calibrate.targets import Target
-    d = tmp_path_factory.mktemp("recovery")
-    for f in EXAMPLE.iterdir():
-        if f.suffix in (".toml", ".csv"):
-            shutil.copy(f, d / f.name)
-    rows = [dict(id="A1", statistic="orr", arm="a"), dict(id="A2", statistic="bor_pd", arm="a"),
-            dict(id="A3", statistic="ar_of_responders", arm="a", landmark_days=365),
-            dict(id="A4", statistic="ar_of_responders", arm="a", landmark_days=270),
-            dict(id="B1", statistic="orr", arm="b"), dict(id="B2", statistic="bor_pd", arm="b"),
-            dict(id="B3", statistic="ar_of_responders", arm="b", landmark_days=365),
-            dict(id="H1", statistic="pfs_rate", arm="a", landmark_days=182, role="heldout")]
-    spec = load_fit(d / "two_clone_fit.toml")
-    targets = [Target(id=r["id"], statistic=r["statistic"], arm=r["arm"], kind="binomial",
-                      role="fit", landmark_days=r.get("landmark_days")) for r in rows]
-    rates = simulate_true_rates(spec, TRUTH, targets, n=4000, seed=12345)
-    write_synthetic_targets(d / "two_clone_targets.csv", rates, rows, n_obs=400)
-    f = d / "two_clone_fit.toml"
-    # perturbed start (the file's start values are already off; move them further), and a
-    # smaller cohort and global stage to keep the test short
-    f.write_text(f.read_text().replace("value = 0.015", "value = 0.02")
-                 .replace("n = 1500", "n = 1000").replace("global_maxiter = 25", "global_maxiter = 15"))
+    from the perturbed start values of the example fit file (moved further), with a smaller
+    cohort and global stage to keep the test short."""
+    f, rates, _ = synthetic_fit_file(tmp_path_factory.mktemp("recovery"), [
+        ("value = 0.015", "value = 0.02"), ("n = 1500", "n = 1000"),
+        ("global_maxiter = 25", "global_maxiter = 15")])
     return run_fit(f), f, rates
 
 

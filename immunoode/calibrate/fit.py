@@ -1313,11 +1313,12 @@ def _bracket(rf: RateFit, spec: FitSpec, mech, mech_fixed, st, grid, prev_grid, 
 
 
 def _extend_mechanistic_profile(rf: RateFit, spec: FitSpec, m: str, mech_fixed, st, grid,
-                                values, chi_best, say, max_steps: int = 2) -> None:
+                                values, chi_best, say, max_steps: int = 6) -> None:
     """After adaptation the final round's cohorts were simulated only near the optimum of the
-    mechanistic parameter ``m``; step outward on each side (doubling the distance, at most
-    ``max_steps`` re-simulations per side) until Δχ² ≥ 3.84 or the bound, so its profile
-    interval rests on the final cohorts."""
+    mechanistic parameter ``m``; step outward on each side until Δχ² ≥ 3.84 or the bound, so
+    its profile interval rests on the final cohorts.  Each step doubles the distance from the
+    optimum (fine near it, where the interval's edge is interpolated), so a bound 2^k times
+    the final spacing away is reached in k re-simulations (at most ``max_steps`` per side)."""
     p = spec.parameters[m]
     f = math.log if p.scale == "log" else (lambda x: x)
     fi = math.exp if p.scale == "log" else (lambda u: u)
