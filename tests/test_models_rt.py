@@ -187,19 +187,27 @@ def test_two_lesion_model_states_nonnegative_two_years(two_lesion, regs):
         assert v.min() >= -1e-8 * max(1.0, np.abs(v).max()), f"{s} went negative: {v.min()}"
 
 
-def test_rt_raises_pdl1_and_cd8_infiltration_in_irradiated_lesion(two_lesion):
-    # 5 x 2 Gy from day 60 (after the initial immune transient of the library model)
-    fx = im.Regimen((im.Dose("RT_gy", 2.0, start=60.0, every=1.0, count=5, label="RT 2 Gy"),))
-    outs = ["PDL1", "PDL1_2", "Te", "Te2", "radiation_inflammation"]
+# (dose target, own PD-L1, own Te, own inflammation, the other lesion's PD-L1)
+LOCAL_RT = {"lesion1": ("RT_gy", "PDL1", "Te", "radiation_inflammation", "PDL1_2"),
+            "lesion2": ("RT_gy2", "PDL1_2", "Te2", "radiation_inflammation2", "PDL1")}
+
+
+@pytest.mark.parametrize("lesion", list(LOCAL_RT))
+def test_rt_raises_pdl1_and_cd8_infiltration_in_irradiated_lesion(two_lesion, lesion):
+    """5 x 2 Gy from day 60 (after the initial immune transient of the library model) to one
+    lesion, at the default patient (lesion 2 smaller than lesion 1): that lesion's inflammation,
+    PD-L1 and CD8+ infiltration rise; the other lesion's PD-L1 does not (a local effect)."""
+    target, pdl1, te, infl, other_pdl1 = LOCAL_RT[lesion]
+    fx = im.Regimen((im.Dose(target, 2.0, start=60.0, every=1.0, count=5, label="RT 2 Gy"),))
+    outs = [pdl1, te, infl, other_pdl1]
     t = np.arange(55.0, 71.0)
     none = im.simulate(two_lesion, None, t_eval=t, outputs=outs)
     rt = im.simulate(two_lesion, fx, t_eval=t, outputs=outs)
     i = 65 - 55
-    assert rt["radiation_inflammation"].values[i] > 0.5
-    assert rt["PDL1"].values[i] > none["PDL1"].values[i] + 0.2
-    assert rt["Te"].values[i] > 1.15 * none["Te"].values[i]
-    # the other lesion's PD-L1 is not raised by the field (local effect)
-    assert rt["PDL1_2"].values[i] < none["PDL1_2"].values[i] + 0.05
+    assert rt[infl].values[i] > 0.5
+    assert rt[pdl1].values[i] > none[pdl1].values[i] + 0.2
+    assert rt[te].values[i] > 1.15 * none[te].values[i]
+    assert rt[other_pdl1].values[i] < none[other_pdl1].values[i] + 0.05
 
 
 # Symmetry of radiotherapy between the lesions.  Lesion 2 reads the Treg, M1/M2 and NK densities
@@ -242,21 +250,6 @@ def test_rt_to_either_of_two_identical_lesions_gives_mirrored_trajectories(two_l
     assert b["RT_infl2"].values[5] > 1.0 and b["RT_infl"].values.max() == 0.0
     assert b["PDL1_2"].values[5] > b["PDL1"].values[5] + 0.2
     assert b["tumor_diameter2"].values[84] < 0.9 * b["tumor_diameter"].values[84]
-
-
-def test_rt_to_lesion2_raises_its_pdl1_and_cd8_infiltration(two_lesion):
-    """The lesion-2 counterpart of the lesion-1 test above, at the default patient (lesion 2 smaller
-    than lesion 1): 5 x 2 Gy to lesion 2 raises PDL1_2 and Te2 and leaves lesion 1's PD-L1 alone."""
-    fx = im.Regimen((im.Dose("RT_gy2", 2.0, start=60.0, every=1.0, count=5, label="RT 2 Gy lesion 2"),))
-    outs = ["PDL1", "PDL1_2", "Te", "Te2", "radiation_inflammation2"]
-    t = np.arange(55.0, 71.0)
-    none = im.simulate(two_lesion, None, t_eval=t, outputs=outs)
-    rt = im.simulate(two_lesion, fx, t_eval=t, outputs=outs)
-    i = 65 - 55
-    assert rt["radiation_inflammation2"].values[i] > 0.5
-    assert rt["PDL1_2"].values[i] > none["PDL1_2"].values[i] + 0.2
-    assert rt["Te2"].values[i] > 1.15 * none["Te2"].values[i]
-    assert rt["PDL1"].values[i] < none["PDL1"].values[i] + 0.05
 
 
 def test_rt_infl2_matches_closed_form_and_is_exactly_zero_without_rt_to_lesion2(two_lesion, regs):
