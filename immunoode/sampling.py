@@ -28,6 +28,11 @@ marginal (truncation: ``F⁻¹(F(lo) + U'(F(hi) − F(lo)))``).  A categorical
 variable takes the category whose cumulative-probability interval holds ``U'``
 (so correlations with it act through the listed category order).
 
+A continuous variable may be *zero-inflated*: ``zero = p`` gives a share ``p`` of the
+patients exactly 0 (``U' < p``) and draws the rest from the (truncated) marginal at
+``(U' − p)/(1 − p)``, e.g. the initial size of a resistant subclone that only some tumors
+carry.  The zeros lie outside ``lower``/``upper``, which bound the continuous part only.
+
 Covariates are ordinary variables with defaults by name: ``pdl1`` (or any
 ``dist = "pdl1_tps"``) yields two variables, ``<name>_category`` (``"<1%"``,
 ``"1-49%"``, ``">=50%"``) and ``<name>_tps`` (percent, uniform within the drawn
@@ -85,6 +90,7 @@ class _Var:
                             "categorical, pdl1_tps, fixed)", section=section, item=name)
         self.lower = d.pop("lower", None)
         self.upper = d.pop("upper", None)
+        self.zero = d.pop("zero", None)
         self.frozen = None
         self.categories: list[str] | None = None
         self.cum: np.ndarray | None = None
@@ -133,11 +139,15 @@ class _Var:
     def _parse(self, d):
         dist = self.dist
         if dist == "fixed":
+            if self.zero is not None:
+                raise self._err("'zero' does not apply to dist 'fixed'")
             self.value = d.pop("value")
             return
         if dist in ("categorical", "pdl1_tps"):
             if self.lower is not None or self.upper is not None:
                 raise self._err(f"'lower'/'upper' do not apply to dist {dist!r}")
+            if self.zero is not None:
+                raise self._err(f"'zero' does not apply to dist {dist!r}")
             if dist == "pdl1_tps":
                 bounds = d.pop("bounds", None)
                 bounds = dict(TPS_CATEGORIES) if bounds is None else {
@@ -199,6 +209,12 @@ class _Var:
         if self.fhi - self.flo <= 0:
             raise self._err(f"the truncation [{lo}, {hi}] holds no probability mass")
         self.lo, self.hi = lo, hi
+        if self.zero is not None:       # zero-inflated: a share of patients is exactly 0
+            z = self.zero
+            if isinstance(z, bool) or not isinstance(z, (int, float)) or not 0.0 <= z < 1.0:
+                raise self._err(f"'zero' (share of patients at exactly 0) must be a number in "
+                                f"[0, 1), got {z!r}")
+            self.zero = float(z)
 
     def _bound(self, v, key):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
@@ -227,9 +243,12 @@ class _Var:
                 lo, hi = self.bounds[idx, 0], self.bounds[idx, 1]
                 return {f"{self.name}_category": labels, f"{self.name}_tps": lo + w * (hi - lo)}
             return {self.name: labels}
-        q = self.flo + u * (self.fhi - self.flo)
-        x = self.frozen.ppf(np.clip(q, _EPS, 1 - _EPS))
-        return {self.name: np.clip(x, self.lo, self.hi)}
+        z = self.zero or 0.0
+        # zero-inflated: u < zero maps to exactly 0, the rest of [0, 1) to the continuous part
+        v = np.clip((u - z) / (1.0 - z), 0.0, 1.0) if z else u
+        q = self.flo + v * (self.fhi - self.flo)
+        x = np.clip(self.frozen.ppf(np.clip(q, _EPS, 1 - _EPS)), self.lo, self.hi)
+        return {self.name: np.where(u < z, 0.0, x) if z else x}
 
 
 def rescale_at_quantile(name: str, dist: Mapping[str, Any], x, factor) -> np.ndarray:
@@ -253,6 +272,12 @@ def rescale_at_quantile(name: str, dist: Mapping[str, Any], x, factor) -> np.nda
     c = np.broadcast_to(np.asarray(factor, dtype=float), x.shape)
     if not np.all(np.isfinite(c) & (c > 0)):
         raise SpecError("covariate factors must be finite and > 0", section="parameters", item=name)
+    if var.zero:                  # zero-inflated: patients at exactly 0 stay there
+        out = np.zeros_like(x)
+        pos = x != 0
+        spec = {k: v for k, v in dist.items() if k != "zero"}
+        out[pos] = rescale_at_quantile(name, spec, x[pos], c[pos])
+        return out
     F = var.frozen.cdf
     u = np.clip((F(x) - var.flo) / (var.fhi - var.flo), 0.0, 1.0)
     flo, fhi = F(var.lo / c), F(var.hi / c)     # X's truncation seen from factor * X

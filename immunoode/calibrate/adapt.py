@@ -57,8 +57,18 @@ def normalized_logpdf(name: str, spec: Mapping, x) -> np.ndarray:
 
     ``uniform`` (``low``/``high``), ``loguniform`` (``low``/``high``), ``lognormal``
     (``median`` or ``mean``; ``cv`` or ``sigma``) and ``normal`` (``mean``; ``sd`` or ``cv``),
-    each optionally truncated by ``lower``/``upper``; ``-inf`` outside the support.
+    each optionally truncated by ``lower``/``upper``; ``-inf`` outside the support.  A
+    zero-inflated spec (``zero = p``) has the atom ``log p`` at exactly 0 and ``log(1 − p)``
+    plus the continuous density elsewhere (density with respect to counting measure at 0 plus
+    Lebesgue measure, the same reference for every density compared with it).
     """
+    z = float(spec.get("zero") or 0.0)
+    if z > 0:
+        x = np.asarray(x, float)
+        rest = {k: v for k, v in spec.items() if k != "zero"}
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cont = math.log1p(-z) + normalized_logpdf(name, rest, np.where(x == 0, np.nan, x))
+        return np.where(x == 0, math.log(z), cont)
     dist = spec.get("dist", "lognormal")
     x = np.asarray(x, float)
     lo, hi = _bounds(spec)
@@ -136,6 +146,10 @@ def fitted_component(population: PopulationModel, values: Mapping[str, float],
                 shift += e * float(np.mean(c))
                 var_shift += e * e * float(np.var(c))
         lo, hi = _bounds(plausible[v.name])
+        zero = None
+        if v.zero is not None:
+            # the atom's share, kept away from 0 and 1 so both parts stay represented
+            zero = min(max(_val(v.zero, values), 0.05), 0.95)
         if v.dist == "lognormal":
             s = math.sqrt(math.log1p(spr * spr) + var_shift) * inflation
             spec = {"dist": "lognormal", "median": loc * math.exp(shift), "sigma": s}
@@ -146,6 +160,8 @@ def fitted_component(population: PopulationModel, values: Mapping[str, float],
             spec["lower"] = lo
         if hi is not None:
             spec["upper"] = hi
+        if zero is not None:
+            spec["zero"] = zero
         out[v.name] = spec
     return out
 

@@ -62,6 +62,8 @@ Fit file (TOML)::
     median = "k_CTL_median"           # a parameter name or a number
     cv = 0.5
     effects = { prior_chemo = "k_CTL_prior_chemo" }
+    # zero = "p_none"                 # optional: that share of patients is exactly 0 (the
+                                      #   trial's plausible spec then needs zero = ... too)
 
     [parameters.k_CTL_median]
     kind = "population"               # or "mechanistic" (a model parameter)
@@ -109,7 +111,7 @@ _STAGE_KEYS = {"global_maxiter", "global_popsize", "mechanistic_grid", "mechanis
                "profile_points", "local_max_nfev", "emcee_steps", "emcee_walkers", "emcee_burn",
                "emcee_thin", "validate_n", "adapt_global_maxiter"}
 _ARM_KEYS = {"trial", "label", "covariates", "n"}
-_POP_KEYS = {"dist", "median", "cv", "mean", "sd", "effects"}
+_POP_KEYS = {"dist", "median", "cv", "mean", "sd", "effects", "zero"}
 _PAR_KEYS = {"kind", "value", "min", "max", "vary", "scale", "prior", "description", "unit"}
 _STAGE_DEFAULTS = {"global_maxiter": 40, "global_popsize": 8, "mechanistic_grid": 5,
                    "mechanistic_refine": 6, "profile_points": 9, "local_max_nfev": 400,
@@ -356,8 +358,8 @@ def load_fit(path) -> FitSpec:
         if not isinstance(effects, Mapping):
             raise FitFileError("'effects' must be a table {covariate = parameter}", file=file,
                                section="population", item=var)
-        vm = VariableModel(var, dist, d[lk], d[sk], tuple(effects.items()))
-        for ref in [d[lk], d[sk], *effects.values()]:
+        vm = VariableModel(var, dist, d[lk], d[sk], tuple(effects.items()), d.get("zero"))
+        for ref in [d[lk], d[sk], *effects.values()] + ([d["zero"]] if "zero" in d else []):
             if isinstance(ref, str):
                 if ref not in params:
                     raise FitFileError(f"unknown parameter {ref!r}{_suggest(ref, params)}; "
@@ -520,6 +522,17 @@ class RateFit:
                                        f"[population.parameters] of {arm.trial_file!r}"
                                        f"{_suggest(v.name, pop_pars)}", file=spec.file,
                                        section="population", item=v.name)
+                zero = pop_pars[v.name].get("zero")
+                if (v.zero is not None) != bool(zero):
+                    why = ("is zero-inflated in the fit file (zero = ...) but its plausible "
+                           "distribution has no share of zeros: add e.g. zero = 0.5 to"
+                           if v.zero is not None else
+                           "has a plausible share of zeros but the fit file gives it no "
+                           "zero share: add zero = <parameter> to [population." + v.name +
+                           "] of the fit file, or remove zero from")
+                    raise FitFileError(f"re-weighted variable {v.name!r} {why} "
+                                       f"[population.parameters.{v.name}] of {arm.trial_file!r}",
+                                       file=spec.file, section="population", item=v.name)
                 dist = pop_pars[v.name].get("dist", "lognormal")
                 if dist not in ("uniform", "loguniform", "lognormal", "normal"):
                     raise FitFileError(f"re-weighted variable {v.name!r} has plausible "

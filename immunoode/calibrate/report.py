@@ -166,6 +166,9 @@ def fitted_population_toml(result) -> str:
                 out.append(f"lower = {_toml_value(lo)}")
             if hi is not None:
                 out.append(f"upper = {_toml_value(hi)}")
+            if v.zero is not None:
+                z = vals[v.zero] if isinstance(v.zero, str) else float(v.zero)
+                out.append(f"zero = {_toml_value(z)}")
             out.append("")
     return "\n".join(out)
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
+from scipy import special
 
 from .targets import Target
 
@@ -148,8 +149,13 @@ def plausible_logpdf(name: str, spec: Mapping, x: np.ndarray) -> np.ndarray:
     Supports the continuous distributions of :mod:`immunoode.sampling` (``uniform``,
     ``loguniform``, ``lognormal``, ``normal``, with optional ``lower``/``upper``); constant
     factors (truncation mass, normalisation) are dropped because self-normalised weights
-    cancel them.
+    cancel them.  A zero-inflated spec (``zero``) keeps them: its atom at 0 and its continuous
+    part must keep their exact relative mass.
     """
+    if float(spec.get("zero") or 0.0) > 0:
+        # zero-inflated: the atom and the continuous part need their exact relative mass
+        from .adapt import normalized_logpdf
+        return normalized_logpdf(name, spec, x)
     dist = spec.get("dist", "lognormal")
     x = np.asarray(x, float)
     if dist == "uniform":
@@ -179,6 +185,13 @@ def plausible_logpdf(name: str, spec: Mapping, x: np.ndarray) -> np.ndarray:
     return np.where(bad, -np.inf, out)
 
 
+def plausible_support(spec: Mapping) -> tuple:
+    """``(lower, upper)`` of a sampling spec's continuous part (``None`` = open): the
+    truncation bounds, or ``low``/``high`` of a (log)uniform."""
+    lo, hi = spec.get("lower", spec.get("low")), spec.get("upper", spec.get("high"))
+    return (None if lo is None else float(lo)), (None if hi is None else float(hi))
+
+
 @dataclass(frozen=True)
 class VariableModel:
     """Target distribution of one re-weighted patient variable.
@@ -187,7 +200,10 @@ class VariableModel:
     ``dist = "lognormal"`` the location is the median and the spread the CV
     (``sigma = sqrt(log(1 + cv²))``); for ``"normal"`` the mean and the sd.  ``effects`` maps
     a covariate (an arm covariate or a numeric patient variable) to a parameter: the log
-    median (lognormal) or the mean (normal) shifts by ``effect × covariate``.
+    median (lognormal) or the mean (normal) shifts by ``effect × covariate``.  ``zero`` (a
+    parameter name or number, optional) makes the variable zero-inflated: that share of
+    patients is exactly 0 and the rest follow the distribution above, truncated to the
+    cohort's plausible support (e.g. patients without a pre-existing resistant subclone).
     """
 
     name: str
@@ -195,10 +211,11 @@ class VariableModel:
     location: str | float
     spread: str | float
     effects: tuple[tuple[str, str | float], ...] = ()
+    zero: str | float | None = None
 
     def refs(self) -> list[str]:
         """Parameter names this variable depends on."""
-        vals = [self.location, self.spread] + [e for _, e in self.effects]
+        vals = [self.location, self.spread, self.zero] + [e for _, e in self.effects]
         return [v for v in vals if isinstance(v, str)]
 
 
@@ -226,6 +243,10 @@ class PopulationModel:
             shift = 0.0
             for cov, eff in v.effects:
                 shift = shift + _val(eff, values) * cohort.covariate(cov)
+            if v.zero is not None:
+                total += _zero_inflated_logpdf(v, x, loc, spr, shift, _val(v.zero, values),
+                                               cohort.support.get(v.name))
+                continue
             if v.dist == "lognormal":
                 if loc <= 0 or spr <= 0:
                     return np.full(cohort.size, -np.inf)
@@ -239,6 +260,41 @@ class PopulationModel:
                 z = (x - loc - shift) / spr
                 total += -0.5 * z * z - math.log(spr)
         return total
+
+
+def _zero_inflated_logpdf(v: VariableModel, x, loc, spr, shift, p0, support) -> np.ndarray:
+    """Exact log density of a zero-inflated target: ``log p0`` at 0; elsewhere
+    ``log(1 − p0)`` + the lognormal/normal density truncated to ``support`` (lower, upper)
+    and renormalised there (the shift may differ per patient, so the mass does too)."""
+    x = np.asarray(x, float)
+    lo, hi = support if support is not None else (None, None)
+    if not 0.0 <= p0 <= 1.0 or spr <= 0 or (v.dist == "lognormal" and loc <= 0):
+        return np.full(x.shape, -np.inf)
+    shift = np.broadcast_to(np.asarray(shift, float), x.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if v.dist == "lognormal":
+            s = math.sqrt(math.log1p(spr * spr))
+            mu = math.log(loc) + shift
+            lx = np.log(np.where(x > 0, x, np.nan))
+            z = (lx - mu) / s
+            dens = -0.5 * z * z - 0.5 * math.log(2 * math.pi) - math.log(s) - lx
+            za = (math.log(lo) - mu) / s if lo is not None and lo > 0 else np.full(x.shape, -np.inf)
+            zb = (math.log(hi) - mu) / s if hi is not None else np.full(x.shape, np.inf)
+        else:
+            mu = loc + shift
+            z = (x - mu) / spr
+            dens = -0.5 * z * z - 0.5 * math.log(2 * math.pi) - math.log(spr)
+            za = (lo - mu) / spr if lo is not None else np.full(x.shape, -np.inf)
+            zb = (hi - mu) / spr if hi is not None else np.full(x.shape, np.inf)
+        mass = np.where(za > 0, special.ndtr(-za) - special.ndtr(-zb),
+                        special.ndtr(zb) - special.ndtr(za))
+        cont = math.log1p(-p0) if p0 < 1 else -np.inf
+        out = cont + dens - np.log(mass)
+        if lo is not None:
+            out = np.where(x < lo, -np.inf, out)
+        if hi is not None:
+            out = np.where(x > hi, -np.inf, out)
+        return np.where(x == 0, math.log(p0) if p0 > 0 else -np.inf, out)
 
 
 # --------------------------------------------------------------------------- cohort
@@ -271,6 +327,12 @@ class Cohort:
 
     def __post_init__(self):
         self.logx = {k: np.log(np.where(v > 0, v, np.nan)) for k, v in self.x.items()}
+
+    @property
+    def support(self) -> dict[str, tuple]:
+        """``{variable: (lower, upper)}`` of the plausible distributions (``None`` = open);
+        the target population is truncated there (``attrs["support"]``)."""
+        return {k: tuple(v) for k, v in self.attrs.get("support", {}).items()}
 
     @property
     def size(self) -> int:
@@ -323,4 +385,5 @@ class Cohort:
                                           "n_failed", "n_evaluable", "regimen_name",
                                           "simulation_wall_time_s", "immunoode_version")
                  if k in ds.attrs}
+        attrs["support"] = {k: plausible_support(s) for k, s in plausible.items()}
         return cls(arm, x, log_q, outcomes, dict(arm_covariates or {}), pc, attrs)
