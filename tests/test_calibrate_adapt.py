@@ -256,3 +256,17 @@ def test_report_shows_rounds_and_the_fresh_cohort(adapted, tmp_path):
     write_fit_outputs(result, tmp_path / "out")
     tab = pd.read_csv(tmp_path / "out" / "targets_vs_simulated.csv")
     assert {"validation_pct", "validation_se_pct", "validation_met"} <= set(tab.columns)
+
+
+def test_reported_optimum_is_the_best_point_on_the_final_cohorts(adapted):
+    """No mechanistic point simulated on the final round's cohorts (local stage or profile)
+    has a lower χ² than the reported optimum: a better profile point is adopted."""
+    result = adapted[0]
+    last = result.rounds[-1]["round"]
+    final = [g for g in result.grid if g.get("round") == last]
+    assert len(final) >= 3
+    assert min(g["chisqr"] for g in final) >= result.chisqr - 1e-9
+    ad = result.attrs.get("adopted_from_profile")
+    if ad:
+        assert ad["chisqr_to"] < ad["chisqr_from"]
+        assert result.values[ad["parameter"]] == pytest.approx(ad["to"])

@@ -1120,6 +1120,38 @@ def run_fit(spec_or_path, *, progress: bool = False, profiles: bool = True,
         say(f"adapt {r}", f"best chi2 = {chi_best:.3f}; ESS " + ", ".join(
             f"{a} {e:.0f}" for a, e in rounds[-1]["ess"].items()))
 
+    # ---- mechanistic profile on the final cohorts (before validation and the population
+    # profiles, so that a better point it finds becomes the optimum they all use)
+    adopted = None
+    t_mp = time.perf_counter()
+    ev_mp = rf.n_eval
+    if profiles and len(rounds) > 1 and len(mech) == 1:
+        n0 = len(grid)
+        _extend_mechanistic_profile(rf, spec, mech[0], mech_fixed, st, grid, values,
+                                    chi_best, say)
+        grid_all.extend(dict(g, round=len(rounds) - 1) for g in grid[n0:])
+        better = min(grid, key=lambda g: g["chisqr"])
+        if better["chisqr"] < chi_best - 1e-9:
+            # the local stage's bisection stopped in a shallow local minimum of the (noisy)
+            # mechanistic profile: the better point, on the same cohorts, is the optimum
+            say("profile", f"{mech[0]} = {better[mech[0]]:.4g} has chi2 {better['chisqr']:.3f} "
+                           f"< {chi_best:.3f} at {values[mech[0]]:.4g}: adopted as the optimum")
+            adopted = {"parameter": mech[0], "from": float(values[mech[0]]),
+                       "to": float(better[mech[0]]), "chisqr_from": float(chi_best),
+                       "chisqr_to": float(better["chisqr"])}
+            data = rf.cohorts({m: float(better[m]) for m in spec.mechanistic})
+            res_a, ps = _fit_population(rf, rf.parameters(better["values"]), data,
+                                        global_stage=False, stages=st, seed=spec.seed)
+            vals = dict(ps.valuesdict())
+            chi = rf.chisqr(vals, data)
+            if chi <= better["chisqr"]:
+                values, chi_best, final = vals, chi, (res_a if res_a is not None else final)
+            else:
+                values, chi_best = dict(better["values"]), float(better["chisqr"])
+            adopted["chisqr_to"] = float(chi_best)
+    t_mp = time.perf_counter() - t_mp
+    ev_mp = rf.n_eval - ev_mp
+
     # ---- validation on a fresh cohort drawn from the fitted population
     validation = None
     if int(st.get("validate_n", 0)) > 0:
@@ -1186,11 +1218,6 @@ def run_fit(spec_or_path, *, progress: bool = False, profiles: bool = True,
             intervals[name] = _interval(xs, chis, values[name], chi_best, p)
             say("profile", f"{name}: 95% [{intervals[name][0]:.4g}, {intervals[name][1]:.4g}] "
                            f"{intervals[name][2]}")
-        if len(rounds) > 1 and len(mech) == 1:
-            n0 = len(grid)
-            _extend_mechanistic_profile(rf, spec, mech[0], mech_fixed, st, grid, values,
-                                        chi_best, say)
-            grid_all.extend(dict(g, round=len(rounds) - 1) for g in grid[n0:])
         for m in mech:
             rows = [g for g in grid if all(abs(g[k] - mv_best[k]) < 1e-15 or k == m
                                             for k in mech)]
@@ -1204,8 +1231,8 @@ def run_fit(spec_or_path, *, progress: bool = False, profiles: bool = True,
                            f"{intervals[m][2]}")
         if len(mech) == 1 and mech[0] in intervals:
             _widen_by_mechanistic_profile(spec, mech[0], grid, intervals)
-    stages_t["profiles"] = time.perf_counter() - t0
-    evals_prof = rf.n_eval - ev0
+    stages_t["profiles"] = time.perf_counter() - t0 + t_mp
+    evals_prof = rf.n_eval - ev0 + ev_mp
 
     # ---- table (fitted + held-out)
     stats, ess = rf.simulate_statistics(values, data)
@@ -1230,6 +1257,7 @@ def run_fit(spec_or_path, *, progress: bool = False, profiles: bool = True,
                            "defensive": spec.cohort["adapt_defensive"],
                            "inflation": spec.cohort["adapt_inflation"]}}
            if len(rounds) > 1 else {}),
+        **({"adopted_from_profile": adopted} if adopted else {}),
         **({"validation": {"seed": validation["seed"], "n": validation["n"],
                            "arms": validation["arms"]}} if validation is not None else {}),
     }

@@ -53,6 +53,11 @@ def fit_report(result) -> str:
         d, k = min(lower)
         lines.append(f"    Note: the profile of {k} found a chi2 lower than the optimum by {-d:.3g}: "
                      f"the reported optimum is approximate (a local, not the global, minimum).")
+    ad = result.attrs.get("adopted_from_profile")
+    if ad:
+        lines.append(f"    Note: the local stage stopped at {ad['parameter']} = {ad['from']:.4g} "
+                     f"(chi2 {ad['chisqr_from']:.3f}); its profile on the same cohorts found "
+                     f"{ad['to']:.4g} (chi2 {ad['chisqr_to']:.3f}), adopted as the optimum.")
     unid = [k for k, (_, _, f) in result.intervals.items() if f]
     if unid:
         lines.append("    Not (fully) identified by the targets: " + ", ".join(
