@@ -756,6 +756,9 @@ class FitResult:
         ``[stages] validate_n > 0``: the fresh-cohort check (seed, n, ESS per arm,
         ``stats`` {target id: (rate, se)}, ``table`` like :attr:`table`, ``chisqr``),
         else ``None``.
+    conflicts
+        One forced re-fit per fitted target the optimum misses
+        (:func:`~.conflicts.forced_refits`; with profiles only).
     """
 
     spec: FitSpec
@@ -773,6 +776,7 @@ class FitResult:
     posterior: object = None
     rounds: list = field(default_factory=list)
     validation: dict | None = None
+    conflicts: list = field(default_factory=list)
 
 
 def _grid(p: ParameterSpec, n: int) -> np.ndarray:
@@ -1237,6 +1241,14 @@ def run_fit(spec_or_path, *, progress: bool = False, profiles: bool = True,
     # ---- table (fitted + held-out)
     stats, ess = rf.simulate_statistics(values, data)
     table = target_table(spec, rf.likelihood, stats)
+
+    # ---- missed targets: forced re-fits on the final cohorts (no new simulation)
+    conflicts = []
+    if profiles and not table[(table.role == "fit") & ~table.met].empty:
+        from .conflicts import forced_refits
+        t0 = time.perf_counter()
+        conflicts = forced_refits(rf, values, table, grid, say=say)
+        stages_t["target conflicts (forced re-fits)"] = time.perf_counter() - t0
     total = time.perf_counter() - t_all
     stages_t["total"] = total
     attrs = {
@@ -1272,7 +1284,7 @@ def run_fit(spec_or_path, *, progress: bool = False, profiles: bool = True,
               "reweighting_evaluations_per_second":
                   (rf.n_eval / max(total - rf.sim_time, 1e-9))}
     return FitResult(spec, values, chi_best, final, table, intervals, profs, stages_t, counts,
-                     ess, grid_all, attrs, posterior, rounds, validation)
+                     ess, grid_all, attrs, posterior, rounds, validation, conflicts)
 
 
 def _at_mech_fn(rf: RateFit, mech_fixed, st, grid: list, say, label: str):

@@ -92,6 +92,7 @@ def fit_report(result) -> str:
         lines.append(f"    fitted targets met: {int(vf.met.sum())}/{len(vf)}; held-out "
                      f"predictions inside the published interval: {int(vh.met.sum())}/{len(vh)};"
                      f" 2*NLL = {val['chisqr']:.3f}")
+    lines += _conflict_lines(result)
     post = getattr(result, "posterior", None)
     if post is not None:
         st = post.settings
@@ -210,6 +211,27 @@ def fitted_parameters_toml(result) -> str:
             lines += [f"ci95_low = {_toml_value(lo)}", f"ci95_high = {_toml_value(hi)}"]
         lines += [f"flag = {json.dumps(flag)}", ""]
     return "\n".join(lines)
+
+
+def _conflict_lines(result) -> list[str]:
+    """Report lines of the forced re-fits of missed targets, if any."""
+    conf = getattr(result, "conflicts", None) or []
+    if not conf:
+        return []
+    lines = ["[[Target conflicts]]  (each missed target forced into its interval by re-fitting "
+             "the population parameters on the final cohorts, at every simulated mechanistic "
+             "value; chi2 of all other terms)"]
+    for c in conf:
+        lo, hi = c["interval"]
+        missed = ", ".join(f"{m['id']} {100 * m['simulated']:.1f} ({100 * m['low']:.1f}-"
+                           f"{100 * m['high']:.1f})" for m in c["newly_missed"]) or "none"
+        mech = ", ".join(f"{k} {v:.4g}" for k, v in c["mechanistic"].items())
+        lines.append(f"    {c['target']}: {100 * c['at_optimum']:.1f} -> "
+                     f"{100 * c['forced_value']:.1f} % ({100 * lo:.1f}-{100 * hi:.1f}"
+                     f"{'' if c['reached'] else ', NOT reached'}); other terms chi2 "
+                     f"{c['chisqr_others_optimum']:.2f} -> {c['chisqr_others_forced']:.2f}"
+                     f"{' at ' + mech if mech else ''}; newly missed: {missed}")
+    return lines
 
 
 def _rounds_lines(result) -> list[str]:
@@ -382,6 +404,8 @@ def write_fit_outputs(result, out_dir) -> list[Path]:
                   else {}),
                **({"validation": {k: v for k, v in val.items() if k != "table"}}
                   if val is not None else {}),
+               **({"conflicts": result.conflicts} if getattr(result, "conflicts", None)
+                  else {}),
                **({"posterior": {"summary": post.summary(), "acceptance": post.acceptance,
                                  "autocorr": post.autocorr, "settings": post.settings}}
                   if post is not None else {})}
