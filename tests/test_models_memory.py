@@ -26,8 +26,8 @@ MEMORY = NSCLC / "tcell_memory.toml"
 PEMBRO = MODELS / "regimens" / "nsclc_pembrolizumab_200mg_q3w.toml"
 
 HOT = {"tmb": 20.0, "pdl1_tps": 0.8}          # responsive patient of tests/test_models.py
-# deep responder: HOT with the calibrated (rare) immunoediting rate of models/nsclc_io_fitted.toml,
-# a small resistant clone with partial escape (eps_R near the fitted population median)
+# deep responder: HOT with a rare immunoediting rate (the calibration before the escape-clone
+# share, fits/nsclc_icis, now fixes it at 0), a small resistant clone with partial escape
 DEEP = dict(HOT, mu_edit=4.2e-6, f_res0=1e-3, eps_R=0.3)
 K_MEM_ON = 0.02                                # 1/day, ~9% of primed effectors become memory
 T_STOP = 735.0                                 # 35 cycles q3w: last dose on day 714
@@ -156,6 +156,51 @@ def test_no_state_negative_with_memory_on(deep_runs, io_model):
         v = ds[s].values
         assert np.all(np.isfinite(v)), s
         assert v.min() >= -1e-8 * max(1.0, np.abs(v).max()), f"{s} went negative: {v.min()}"
+
+
+# ------------------------------------------------------------------------- escape clones
+NIVO_UNTIL_PD = MODELS / "regimens" / "nivolumab_240mg_q2w_until_progression.toml"
+# second-line-like responder on nivolumab until progression (fits/trials/2l_ici.toml design)
+RESPONDER = {"T0": 5.5, "k_grow": 0.022, "pdl1_tps": 0.5, "eps_R": 0.03, "mu_edit": 0.0}
+
+
+@pytest.fixture(scope="session")
+def nivo_model():
+    return im.compile_model(im.load_model(MODELS / "nsclc_io_nivo_ipi.toml"))
+
+
+@pytest.mark.parametrize("k_CTL", [0.3, 1.0])
+def test_without_an_escape_clone_memory_keeps_a_response_for_four_years(nivo_model, k_CTL):
+    """The calibration's durable responders: no pre-existing escape clone (f_res0 = 0), no
+    editing flux, memory on, therapy continued: no progression in 4 years.  The same patient
+    with a 1 % escape clone progresses within 2 years (the resistant clone regrows)."""
+    reg = im.load_regimen(NIVO_UNTIL_PD)
+    for k_mem in (0.01, 0.03):
+        out = {}
+        for f in (0.0, 0.01):
+            ds = im.simulate(nivo_model, reg, t_end=1460, dt=7,
+                             parameters=dict(RESPONDER, k_CTL=k_CTL, f_res0=f, k_mem=k_mem),
+                             outputs=["tumor_diameter", "Tr", "Ts"])
+            d = ds.tumor_diameter.values
+            assert d.min() < 0.7 * d[0], (k_CTL, k_mem, f)      # a partial response first
+            out[f] = (_progression_day(d, 0) * 7, ds)
+        assert out[0.0][0] == math.inf, (k_CTL, k_mem)
+        assert float(out[0.0][1].Tr.max()) == 0.0               # no clone appears
+        pd_day, ds = out[0.01]
+        assert pd_day <= 730, (k_CTL, k_mem)
+        i = int(pd_day // 7)
+        assert float(ds.Tr[i]) > float(ds.Ts[i])                # the escape clone regrew
+
+
+def test_without_memory_a_strong_killer_rebounds_even_without_a_clone(nivo_model):
+    """The contrast: k_mem = 0 and the same clone-free strong responder progresses (the
+    sensitive clone regrows once antigen, priming and recruitment have fallen)."""
+    reg = im.load_regimen(NIVO_UNTIL_PD)
+    ds = im.simulate(nivo_model, reg, t_end=1460, dt=7,
+                     parameters=dict(RESPONDER, k_CTL=1.0, f_res0=0.0, k_mem=0.0),
+                     outputs=["tumor_diameter", "Tr"])
+    assert _progression_day(ds.tumor_diameter.values, 0) * 7 <= 730
+    assert float(ds.Tr.max()) == 0.0
 
 
 # ------------------------------------------------------------------------- shipped calibration
