@@ -1,9 +1,10 @@
 """Stage 7e — target conflicts. Consumes a finished rate fit's objective (:class:`.fit.RateFit`
 with its final cohorts), the optimum and the target table; produces, for every fitted target
 the optimum misses, a *forced* re-fit: the population parameters re-optimised with that
-target pushed inside its published interval, at every mechanistic value simulated on the
-final cohorts.  The cost on the other targets answers "can these targets be met together,
-and if not, which ones pull against each other?" without any new simulation.
+target pushed inside its published interval, at the optimum's mechanistic value and the best
+others simulated on the final cohorts.  The cost on the other targets answers "can these
+targets be met together, and if not, which ones pull against each other?" without any new
+simulation.
 
 Forcing works by a steep penalty: ``weight × distance`` outside the interval shrunk by
 ``margin`` on each side (so a forced target ends inside, not on the edge).  The result per
@@ -28,8 +29,8 @@ def _outside(x: float, lo: float, hi: float) -> float:
 
 
 def forced_refits(rf, values: Mapping[str, float], table, grid: list, *,
-                  margin: float = 0.002, weight: float = 300.0, max_nfev: int = 400,
-                  say=None) -> list[dict]:
+                  margin: float = 0.002, weight: float = 300.0, max_nfev: int = 200,
+                  n_points: int = 3, say=None) -> list[dict]:
     """Forced re-fits of every fitted target the optimum misses (see the module docstring).
 
     Parameters
@@ -42,7 +43,8 @@ def forced_refits(rf, values: Mapping[str, float], table, grid: list, *,
         :func:`~.fit.target_table` at the optimum (``low``/``high`` as fractions, ``met``).
     grid
         Mechanistic points simulated on the final cohorts (dicts with the mechanistic
-        values); the forced fit is tried at each and the best kept.
+        values and ``chisqr``); the forced fit is tried at the optimum's value and at the
+        ``n_points − 1`` best others, and the best result is kept.
     margin
         [fraction] Shrink of the interval the forced target must reach (each side).
     weight
@@ -55,8 +57,16 @@ def forced_refits(rf, values: Mapping[str, float], table, grid: list, *,
 
     spec = rf.spec
     mech = list(spec.mechanistic)
-    points = {tuple(float(g[m]) for m in mech) for g in grid if all(m in g for m in mech)}
-    points.add(tuple(float(values[m]) for m in mech))
+    # the optimum's mechanistic value and the best `n_points - 1` others simulated on the
+    # final cohorts (lowest χ² first)
+    ranked = sorted((g for g in grid if all(m in g for m in mech)), key=lambda g: g.get("chisqr", math.inf))
+    points = [tuple(float(values[m]) for m in mech)]
+    for g in ranked:
+        key = tuple(float(g[m]) for m in mech)
+        if len(points) >= n_points:
+            break
+        if key not in points:
+            points.append(key)
     base = {}
     for key in points:
         base[key] = rf.cohorts(dict(zip(mech, key)))
