@@ -154,22 +154,24 @@ def test_mixture_proposal_with_zeros_is_exact_and_raises_the_ess():
 
 
 # --------------------------------------------------------------------------- fit file
-def _example(tmp_path):
+def _zero_share_example(tmp_path, ref: str):
+    """The example fit with its first population variable made zero-inflated (zero = ref);
+    returns (fit file, variable)."""
     d = tmp_path / "ex"
     shutil.copytree(EXAMPLE, d)
-    return d
-
-
-def test_fit_file_zero_share_needs_zeros_in_the_plausible_cohort(tmp_path):
-    from immunoode.calibrate.fit import RateFit
-    d = _example(tmp_path)
     f = d / "two_clone_fit.toml"
     text = f.read_text()
     var = next(line.split(".")[1].rstrip("]") for line in text.splitlines()
                if line.startswith("[population."))
-    f.write_text(text.replace(f"[population.{var}]", f"[population.{var}]\nzero = \"p_zero\"", 1)
+    f.write_text(text.replace(f"[population.{var}]", f"[population.{var}]\nzero = \"{ref}\"", 1)
                  + '\n[parameters.p_zero]\nkind = "population"\nvalue = 0.3\nmin = 0.0\n'
                    'max = 0.9\n')
+    return f, var
+
+
+def test_fit_file_zero_share_needs_zeros_in_the_plausible_cohort(tmp_path):
+    from immunoode.calibrate.fit import RateFit
+    f, var = _zero_share_example(tmp_path, "p_zero")
     spec = load_fit(f)
     assert next(v for v in spec.population.variables if v.name == var).zero == "p_zero"
     with pytest.raises(FitFileError, match=rf"{var}.*zero-inflated.*no share of zeros") as exc:
@@ -178,11 +180,21 @@ def test_fit_file_zero_share_needs_zeros_in_the_plausible_cohort(tmp_path):
 
 
 def test_fit_file_zero_share_must_be_a_declared_parameter(tmp_path):
-    d = _example(tmp_path)
-    f = d / "two_clone_fit.toml"
-    text = f.read_text()
-    var = next(line.split(".")[1].rstrip("]") for line in text.splitlines()
-               if line.startswith("[population."))
-    f.write_text(text.replace(f"[population.{var}]", f"[population.{var}]\nzero = \"p_zer\"", 1))
+    f, _ = _zero_share_example(tmp_path, "p_zer")
     with pytest.raises(FitFileError, match=r"unknown parameter 'p_zer'"):
         load_fit(f)
+
+
+# --------------------------------------------------------------------------- shipped calibration
+def test_shipped_nsclc_fit_declares_the_escape_clone_share_consistently():
+    """fits/nsclc_icis.toml: f_res0 is zero-inflated in the fit file and in every arm's
+    plausible cohort (RateFit checks both), and the editing flux is off."""
+    from pathlib import Path
+    from immunoode.calibrate.fit import RateFit
+    spec = load_fit(Path(__file__).resolve().parents[1] / "fits" / "nsclc_icis.toml")
+    v = next(v for v in spec.population.variables if v.name == "f_res0")
+    assert v.zero == "p_no_clone" and spec.parameters["p_no_clone"].vary
+    assert spec.parameters["mu_edit"].value == 0.0 and not spec.parameters["mu_edit"].vary
+    rf = RateFit(spec)
+    for arm in spec.arms:
+        assert 0 < rf.broad(arm)["f_res0"]["zero"] < 1
