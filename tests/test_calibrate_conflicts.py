@@ -34,14 +34,30 @@ def test_contradictory_rows_cannot_both_be_met(conflicted):
     result, forced = conflicted
     t = result.table.set_index("id")
     assert not (t.loc["A1", "met"] and t.loc["C1", "met"])
-    assert {c["target"] for c in forced} == set(result.table[(result.table.role == "fit")
-                                                              & ~result.table.met]["id"])
+    missed = list(result.table[(result.table.role == "fit") & ~result.table.met]["id"])
+    singles = [c for c in forced if len(c["targets"]) == 1]
+    assert [c["target"] for c in singles] == missed
+    if len(missed) > 1:                         # and all of them together
+        assert forced[-1]["targets"] == missed and forced[-1]["target"] == "+".join(missed)
+
+
+def test_contradictory_rows_forced_together_are_not_reached(conflicted, tmp_path):
+    """A1 (54 %, exact CI about 49-59 %) and C1 (20-25 %) on the same rate: no population
+    meets both, and the joint forced fit says so."""
+    result, _ = conflicted
+    rf = RateFit(result.spec)
+    table = result.table.copy()
+    table.loc[table.id.isin(["A1", "C1"]), "met"] = False      # force both, even if one was met
+    mech = [{m: result.values[m] for m in result.spec.mechanistic}]
+    joint = [c for c in forced_refits(rf, result.values, table, mech)
+             if set(c["targets"]) >= {"A1", "C1"}]
+    assert joint and not joint[0]["reached"]
 
 
 def test_forcing_one_row_pushes_the_other_out_at_a_large_cost(conflicted):
     result, forced = conflicted
     met = dict(zip(result.table["id"], result.table["met"]))
-    pair = [c for c in forced if c["target"] in ("A1", "C1")]
+    pair = [c for c in forced if c["targets"] in (["A1"], ["C1"])]
     assert pair
     for c in pair:
         other = "C1" if c["target"] == "A1" else "A1"

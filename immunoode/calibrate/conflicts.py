@@ -9,7 +9,9 @@ simulation.
 Forcing works by a steep penalty: ``weight × distance`` outside the interval shrunk by
 ``margin`` on each side (so a forced target ends inside, not on the edge).  The result per
 missed target: the value reached, the χ² of all *other* terms (and of the priors/ESS floors)
-against the same at the optimum, and which other targets then leave their intervals.  A
+against the same at the optimum, and which other targets then leave their intervals.  When
+several targets are missed, they are also forced *together* (record ``"T01+T02+..."``): can
+they all be met at once?  A
 small increase means the miss was the optimiser's or the cohort's; a large one, with named
 targets, is a structural conflict of the model (conditional on its fixed parameters).
 """
@@ -51,15 +53,14 @@ def forced_refits(rf, values: Mapping[str, float], table, grid: list, *,
         Penalty per unit fraction outside (300: 1 point outside costs χ² 9); raised 10- and
         100-fold, warm-started, while the target stays outside.
     """
-    import lmfit
-
     from .fit import target_table
 
     spec = rf.spec
     mech = list(spec.mechanistic)
     # the optimum's mechanistic value and the best `n_points - 1` others simulated on the
     # final cohorts (lowest χ² first)
-    ranked = sorted((g for g in grid if all(m in g for m in mech)), key=lambda g: g.get("chisqr", math.inf))
+    ranked = sorted((g for g in grid if all(m in g for m in mech)),
+                    key=lambda g: g.get("chisqr", math.inf))
     points = [tuple(float(values[m]) for m in mech)]
     for g in ranked:
         key = tuple(float(g[m]) for m in mech)
@@ -67,65 +68,78 @@ def forced_refits(rf, values: Mapping[str, float], table, grid: list, *,
             break
         if key not in points:
             points.append(key)
-    base = {}
-    for key in points:
-        base[key] = rf.cohorts(dict(zip(mech, key)))
-    opt_key = tuple(float(values[m]) for m in mech)
+    base = {key: rf.cohorts(dict(zip(mech, key))) for key in points}
+    opt_key = points[0]
     missed = table[(table.role == "fit") & (~table.met)]
+    bounds = {r["id"]: (float(r["low"]), float(r["high"])) for _, r in missed.iterrows()}
+    at_opt = {r["id"]: float(r["simulated"]) for _, r in missed.iterrows()}
+    was_met = set(table[(table.role == "fit") & table.met]["id"])
+    groups = [[t] for t in bounds] + ([list(bounds)] if len(bounds) > 1 else [])
     out = []
-    for _, row in missed.iterrows():
-        lo, hi = float(row["low"]), float(row["high"])
-        lo_m, hi_m = lo + margin, hi - margin
-        if hi_m <= lo_m:
-            lo_m = hi_m = 0.5 * (lo + hi)
-        tid = row["id"]
+    for ids in groups:
         best = None
         for key, data in base.items():
-            ps = rf.parameters(dict(values, **dict(zip(mech, key))))
-            for m in mech:
-                ps[m].vary = False
-            # continuation: a steeper penalty each pass, warm-started, until the target is in
-            for w in (weight, 10 * weight, 100 * weight):
-                def resid(ps, data=data, w=w):
-                    r = rf.residual(ps, data)
-                    st, _ = rf.simulate_statistics(ps.valuesdict(), data, se=False)
-                    x = st[tid][0]
-                    x = 0.5 if not math.isfinite(x) else x
-                    return np.append(r, w * _outside(x, lo_m, hi_m))
-
-                ps = lmfit.minimize(resid, ps, method="least_squares", max_nfev=max_nfev).params
-                st, _ = rf.simulate_statistics(ps.valuesdict(), data, se=False)
-                if _outside(st[tid][0], lo, hi) == 0.0:
-                    break
-            vals = dict(ps.valuesdict())
-            st, _ = rf.simulate_statistics(vals, data, se=False)
-            others = float(rf.chisqr(vals, data)) - _own_term(rf, tid, st)
-            x = st[tid][0]
-            if best is None or (_outside(x, lo, hi), others) < (best["outside"], best["others"]):
+            vals, st = _forced_fit(rf, values, mech, key, data, ids, bounds, margin, weight,
+                                   max_nfev)
+            others = float(rf.chisqr(vals, data)) - sum(_own_term(rf, t, st) for t in ids)
+            outside = sum(_outside(st[t][0], *bounds[t]) for t in ids)
+            if best is None or (outside, others) < (best["outside"], best["others"]):
                 best = {"key": key, "vals": vals, "stats": st, "others": others,
-                        "outside": _outside(x, lo, hi), "data": data}
+                        "outside": outside, "data": data}
         st_opt, _ = rf.simulate_statistics(values, base[opt_key], se=False)
-        others_opt = float(rf.chisqr(values, base[opt_key])) - _own_term(rf, tid, st_opt)
+        others_opt = (float(rf.chisqr(values, base[opt_key]))
+                      - sum(_own_term(rf, t, st_opt) for t in ids))
         stats_se, _ = rf.simulate_statistics(best["vals"], best["data"])
         tab = target_table(spec, rf.likelihood, stats_se)
-        fit_rows = tab[tab.role == "fit"]
-        was_met = set(table[(table.role == "fit") & table.met]["id"])
-        rec = {"target": tid, "interval": (lo, hi), "at_optimum": float(row["simulated"]),
-               "forced_value": float(best["stats"][tid][0]), "reached": best["outside"] == 0.0,
+        rec = {"target": "+".join(ids), "targets": list(ids),
+               "interval": bounds[ids[0]] if len(ids) == 1 else None,
+               "at_optimum": at_opt[ids[0]] if len(ids) == 1 else None,
+               "forced_value": float(best["stats"][ids[0]][0]) if len(ids) == 1 else None,
+               "forced_values": {t: float(best["stats"][t][0]) for t in ids},
+               "reached": best["outside"] == 0.0,
                "mechanistic": dict(zip(mech, best["key"])),
                "chisqr_others_optimum": others_opt, "chisqr_others_forced": best["others"],
                "newly_missed": [{"id": r["id"], "simulated": float(r["simulated"]),
                                  "low": float(r["low"]), "high": float(r["high"])}
-                                for _, r in fit_rows.iterrows()
+                                for _, r in tab[tab.role == "fit"].iterrows()
                                 if r["id"] in was_met and not r["met"]],
                "values": best["vals"]}
         out.append(rec)
         if say:
-            say("conflicts", f"{tid} forced to {100 * rec['forced_value']:.1f} % "
-                             f"({100 * lo:.0f}-{100 * hi:.0f}): chi2 of the other terms "
-                             f"{others_opt:.2f} -> {best['others']:.2f}; newly missed: "
-                             + (", ".join(r["id"] for r in rec["newly_missed"]) or "none"))
+            say("conflicts", f"{rec['target']} forced to " + ", ".join(
+                f"{100 * v:.1f} %" for v in rec["forced_values"].values())
+                + f"{'' if rec['reached'] else ' (NOT reached)'}: chi2 of the other terms "
+                  f"{others_opt:.2f} -> {best['others']:.2f}; newly missed: "
+                + (", ".join(r["id"] for r in rec["newly_missed"]) or "none"))
     return out
+
+
+def _forced_fit(rf, values, mech, key, data, ids, bounds, margin, weight, max_nfev):
+    """Population re-fit at mechanistic point ``key`` with targets ``ids`` pushed inside their
+    (shrunk) intervals; continuation: a steeper penalty each pass, warm-started, until all
+    are in.  Returns ``(values, statistics)``."""
+    import lmfit
+    inner = {}
+    for t in ids:
+        lo, hi = bounds[t]
+        lo_m, hi_m = lo + margin, hi - margin
+        inner[t] = (lo_m, hi_m) if hi_m > lo_m else (0.5 * (lo + hi),) * 2
+    ps = rf.parameters(dict(values, **dict(zip(mech, key))))
+    for m in mech:
+        ps[m].vary = False
+    for w in (weight, 10 * weight, 100 * weight):
+        def resid(ps, w=w):
+            r = rf.residual(ps, data)
+            st, _ = rf.simulate_statistics(ps.valuesdict(), data, se=False)
+            x = {t: (st[t][0] if math.isfinite(st[t][0]) else 0.5) for t in ids}
+            return np.concatenate([r, [w * _outside(x[t], *inner[t]) for t in ids]])
+
+        ps = lmfit.minimize(resid, ps, method="least_squares", max_nfev=max_nfev).params
+        st, _ = rf.simulate_statistics(ps.valuesdict(), data, se=False)
+        if all(_outside(st[t][0], *bounds[t]) == 0.0 for t in ids):
+            break
+    vals = dict(ps.valuesdict())
+    return vals, rf.simulate_statistics(vals, data, se=False)[0]
 
 
 def _own_term(rf, tid: str, stats) -> float:

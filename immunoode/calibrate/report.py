@@ -219,18 +219,23 @@ def _conflict_lines(result) -> list[str]:
     if not conf:
         return []
     lines = ["[[Target conflicts]]  (each missed target forced into its interval by re-fitting "
-             "the population parameters on the final cohorts, at every simulated mechanistic "
-             "value; chi2 of all other terms)"]
+             "the population parameters on the final cohorts, alone and all together; best of "
+             "the optimum's and the two best other mechanistic values; chi2 of all other terms)"]
     for c in conf:
-        lo, hi = c["interval"]
         missed = ", ".join(f"{m['id']} {100 * m['simulated']:.1f} ({100 * m['low']:.1f}-"
                            f"{100 * m['high']:.1f})" for m in c["newly_missed"]) or "none"
         mech = ", ".join(f"{k} {v:.4g}" for k, v in c["mechanistic"].items())
-        lines.append(f"    {c['target']}: {100 * c['at_optimum']:.1f} -> "
-                     f"{100 * c['forced_value']:.1f} % ({100 * lo:.1f}-{100 * hi:.1f}"
-                     f"{'' if c['reached'] else ', NOT reached'}); other terms chi2 "
-                     f"{c['chisqr_others_optimum']:.2f} -> {c['chisqr_others_forced']:.2f}"
-                     f"{' at ' + mech if mech else ''}; newly missed: {missed}")
+        if c.get("interval") is not None:
+            lo, hi = c["interval"]
+            what = (f"{100 * c['at_optimum']:.1f} -> {100 * c['forced_value']:.1f} % "
+                    f"({100 * lo:.1f}-{100 * hi:.1f}")
+        else:
+            what = ("together -> " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in
+                                               c["forced_values"].items()) + " (")
+        lines.append(f"    {c['target']}: {what}{'reached' if c['reached'] else 'NOT reached'}"
+                     f"); other terms chi2 {c['chisqr_others_optimum']:.2f} -> "
+                     f"{c['chisqr_others_forced']:.2f}{' at ' + mech if mech else ''}; "
+                     f"newly missed: {missed}")
     return lines
 
 
