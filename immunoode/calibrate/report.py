@@ -228,7 +228,7 @@ def _conflict_lines(result) -> list[str]:
         if c.get("interval") is not None:
             lo, hi = c["interval"]
             what = (f"{100 * c['at_optimum']:.1f} -> {100 * c['forced_value']:.1f} % "
-                    f"({100 * lo:.1f}-{100 * hi:.1f}")
+                    f"({100 * lo:.1f}-{100 * hi:.1f}, ")
         else:
             what = ("together -> " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in
                                                c["forced_values"].items()) + " (")
