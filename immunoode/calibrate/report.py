@@ -139,7 +139,8 @@ def fitted_population_toml(result) -> str:
     spec = result.spec
     out = [f"# Fitted population of {spec.name} ({spec.file}), seed {spec.seed}.",
            "# Lognormal target distributions of the re-weighted patient variables, per arm",
-           "# (arm covariates applied). Each [<arm>] table is a sample_population spec:",
+           "# (arm covariates applied; zero = share of patients at exactly 0). Each [<arm>]",
+           "# table is a sample_population spec:",
            "# sample_population(tomllib.load(f)[arm], n, seed), or paste its variables into a",
            "# trial file's [population.parameters]."]
     patient = sorted({(v.name, c, e) for v in spec.population.variables for c, e in v.effects
