@@ -39,17 +39,10 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
-from scipy import special
 
-from .vpop import PopulationModel
+from .vpop import PopulationModel, log_truncation_mass, plausible_support
 
 __all__ = ["normalized_logpdf", "fitted_component", "MixtureProposal", "round_seed"]
-
-
-def _bounds(spec: Mapping):
-    lo = spec.get("lower", spec.get("low"))
-    hi = spec.get("upper", spec.get("high"))
-    return (None if lo is None else float(lo)), (None if hi is None else float(hi))
 
 
 def normalized_logpdf(name: str, spec: Mapping, x) -> np.ndarray:
@@ -71,7 +64,7 @@ def normalized_logpdf(name: str, spec: Mapping, x) -> np.ndarray:
         return np.where(x == 0, math.log(z), cont)
     dist = spec.get("dist", "lognormal")
     x = np.asarray(x, float)
-    lo, hi = _bounds(spec)
+    lo, hi = plausible_support(spec)
     with np.errstate(divide="ignore", invalid="ignore"):
         if dist == "uniform":
             a, b = float(spec["low"]), float(spec["high"])
@@ -90,7 +83,7 @@ def normalized_logpdf(name: str, spec: Mapping, x) -> np.ndarray:
             out = -0.5 * z * z - 0.5 * math.log(2 * math.pi) - math.log(s) - np.log(x)
             za = -np.inf if lo is None or lo <= 0 else (math.log(lo) - mu) / s
             zb = np.inf if hi is None else (math.log(hi) - mu) / s
-            out = out - _log_mass(za, zb)
+            out = out - float(log_truncation_mass(za, zb))
         elif dist == "normal":
             m = float(spec["mean"])
             sd = float(spec["sd"]) if "sd" in spec else float(spec["cv"]) * abs(m)
@@ -98,7 +91,7 @@ def normalized_logpdf(name: str, spec: Mapping, x) -> np.ndarray:
             out = -0.5 * z * z - 0.5 * math.log(2 * math.pi) - math.log(sd)
             za = -np.inf if lo is None else (lo - m) / sd
             zb = np.inf if hi is None else (hi - m) / sd
-            out = out - _log_mass(za, zb)
+            out = out - float(log_truncation_mass(za, zb))
         else:
             raise ValueError(f"{name!r}: an adaptive cohort needs a continuous distribution "
                              f"(uniform, loguniform, lognormal, normal); got {dist!r}")
@@ -108,13 +101,6 @@ def normalized_logpdf(name: str, spec: Mapping, x) -> np.ndarray:
     if hi is not None:
         bad |= x > hi
     return np.where(bad, -np.inf, out)
-
-
-def _log_mass(za: float, zb: float) -> float:
-    """log(Φ(zb) − Φ(za)), accurate in either tail."""
-    if za > 0:  # upper tail: use survival functions
-        return float(np.log(special.ndtr(-za) - special.ndtr(-zb)))
-    return float(np.log(special.ndtr(zb) - special.ndtr(za)))
 
 
 def _val(ref, values):
@@ -145,7 +131,7 @@ def fitted_component(population: PopulationModel, values: Mapping[str, float],
                 c = np.asarray(patient_covariates[cov], float)
                 shift += e * float(np.mean(c))
                 var_shift += e * e * float(np.var(c))
-        lo, hi = _bounds(plausible[v.name])
+        lo, hi = plausible_support(plausible[v.name])
         zero = None
         if v.zero is not None:
             # the atom's share, kept away from 0 and 1 so both parts stay represented

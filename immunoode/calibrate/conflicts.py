@@ -11,8 +11,7 @@ Forcing works by a steep penalty: ``weight × distance`` outside the interval sh
 missed target: the value reached, the χ² of all *other* terms (and of the priors/ESS floors)
 against the same at the optimum, and which other targets then leave their intervals.  When
 several targets are missed, they are also forced *together* (record ``"T01+T02+..."``): can
-they all be met at once?  A
-small increase means the miss was the optimiser's or the cohort's; a large one, with named
+they all be met at once?  A small increase means the miss was the optimiser's or the cohort's; a large one, with named
 targets, is a structural conflict of the model (conditional on its fixed parameters).
 """
 
@@ -128,11 +127,12 @@ def _forced_fit(rf, values, mech, key, data, ids, bounds, margin, weight, max_nf
     for m in mech:
         ps[m].vary = False
     for w in (weight, 10 * weight, 100 * weight):
-        def resid(ps, w=w):
-            r = rf.residual(ps, data)
-            st, _ = rf.simulate_statistics(ps.valuesdict(), data, se=False)
+        def penalty(st, w=w):
             x = {t: (st[t][0] if math.isfinite(st[t][0]) else 0.5) for t in ids}
-            return np.concatenate([r, [w * _outside(x[t], *inner[t]) for t in ids]])
+            return [w * _outside(x[t], *inner[t]) for t in ids]
+
+        def resid(ps, penalty=penalty):
+            return rf.residual(ps, data, extra=penalty)
 
         ps = lmfit.minimize(resid, ps, method="least_squares", max_nfev=max_nfev).params
         st, _ = rf.simulate_statistics(ps.valuesdict(), data, se=False)

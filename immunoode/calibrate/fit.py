@@ -694,8 +694,10 @@ class RateFit:
                 stats[t.id] = (float(rate[j]), float(err[j]) if se else math.nan)
         return stats, ess
 
-    def residual(self, params, data: dict[str, _ArmData]) -> np.ndarray:
-        """Residual vector (sum of squares = 2·NLL): targets, priors, ESS floors."""
+    def residual(self, params, data: dict[str, _ArmData], extra=None) -> np.ndarray:
+        """Residual vector (sum of squares = 2·NLL): targets, priors, ESS floors, and
+        ``extra(stats)`` appended if given (a function of ``{id: (rate, nan)}``, e.g. the
+        forcing penalties of :mod:`.conflicts`)."""
         self.n_eval += 1
         values = params.valuesdict() if hasattr(params, "valuesdict") else dict(params)
         stats, ess = self.simulate_statistics(values, data, se=False)
@@ -711,7 +713,10 @@ class RateFit:
                                                    log_scale=p.scale == "log")))
         floor = float(self.spec.cohort["min_ess"])
         pen = [max(0.0, (floor - e) / (0.25 * floor)) if floor > 0 else 0.0 for e in ess.values()]
-        return np.concatenate([r, np.asarray(pri, float), np.asarray(pen, float)])
+        out = [r, np.asarray(pri, float), np.asarray(pen, float)]
+        if extra is not None:
+            out.append(np.asarray(extra(stats), float))
+        return np.concatenate(out)
 
     def chisqr(self, values: Mapping[str, float], data) -> float:
         """``2·NLL`` at these values."""

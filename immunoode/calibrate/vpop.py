@@ -185,6 +185,15 @@ def plausible_logpdf(name: str, spec: Mapping, x: np.ndarray) -> np.ndarray:
     return np.where(bad, -np.inf, out)
 
 
+def log_truncation_mass(za, zb):
+    """log(Φ(zb) − Φ(za)) elementwise, accurate in either tail (standard-normal mass of a
+    truncation interval in z units)."""
+    za, zb = np.asarray(za, float), np.asarray(zb, float)
+    with np.errstate(divide="ignore"):
+        return np.log(np.where(za > 0, special.ndtr(-za) - special.ndtr(-zb),
+                               special.ndtr(zb) - special.ndtr(za)))
+
+
 def plausible_support(spec: Mapping) -> tuple:
     """``(lower, upper)`` of a sampling spec's continuous part (``None`` = open): the
     truncation bounds, or ``low``/``high`` of a (log)uniform."""
@@ -286,10 +295,8 @@ def _zero_inflated_logpdf(v: VariableModel, x, loc, spr, shift, p0, support) -> 
             dens = -0.5 * z * z - 0.5 * math.log(2 * math.pi) - math.log(spr)
             za = (lo - mu) / spr if lo is not None else np.full(x.shape, -np.inf)
             zb = (hi - mu) / spr if hi is not None else np.full(x.shape, np.inf)
-        mass = np.where(za > 0, special.ndtr(-za) - special.ndtr(-zb),
-                        special.ndtr(zb) - special.ndtr(za))
         cont = math.log1p(-p0) if p0 < 1 else -np.inf
-        out = cont + dens - np.log(mass)
+        out = cont + dens - log_truncation_mass(za, zb)
         if lo is not None:
             out = np.where(x < lo, -np.inf, out)
         if hi is not None:
